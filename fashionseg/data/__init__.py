@@ -1,0 +1,1 @@
+"""Data: formats users bring (Kaggle CSV, COCO JSON), the shards we write, and the loader."""
