@@ -1,10 +1,13 @@
 # Two set-up commands: `make demo` and `make test`. Both create .venv when needed.
 PY ?= python3
+# Older GPUs (1080 Ti sm_61, Titan X Maxwell sm_52): make setup TORCH_INDEX=https://download.pytorch.org/whl/cu126
+TORCH_INDEX ?=
+PIP_TORCH := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo clean lint
+.PHONY: setup test demo clean
 
 setup: $(STAMP)
 
@@ -12,8 +15,8 @@ setup: $(STAMP)
 # builds against it without downloading a second torch into an isolated build env.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --upgrade setuptools wheel
+	$(BIN)/python -m pip install -q $(PIP_TORCH) -e '.[dev]'
 	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q --no-build-isolation -e '.[dev,deepspeed]'
 	touch $(STAMP)
 

@@ -67,7 +67,8 @@ def runs_to_counts(runs: np.ndarray, height: int, width: int) -> list[int]:
         counts.append(s - pos)
         counts.append(n)
         pos = s + n
-    counts.append(height * width - pos)
+    if height * width - pos > 0 or not counts:  # pycocotools ends on the last non-empty run
+        counts.append(height * width - pos)
     return counts
 
 

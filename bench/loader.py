@@ -1,0 +1,158 @@
+"""Loader throughput: images/s per worker process for
+(a) fashionseg's shard loader (train mode: multi-scale-style resize, flip; jitter shown separately),
+(b) the usual peer: torchvision CocoDetection + wrap_dataset_for_transforms_v2 over the same images
+    as loose files with a COCO JSON, v2 ToImage/RandomHorizontalFlip/Resize/ToDtype (same resize),
+(c) the decode-only limit: JPEG decode + pycocotools RLE decode of every mask, bytes already in memory.
+Also the JPEG decoder choice (PIL vs torchvision.io.decode_jpeg).
+
+    .venv/bin/python bench/loader.py [--images 192] [--size 1024] [--min-size 800] [--workers 1]
+
+Data: `shard synth` images (height --size, width the same or 3/4), built into shards without resize.
+"Per worker process": (a) and (b) run through a torch DataLoader with --workers worker processes
+(0 = in the calling process) and their total rate is divided by max(1, workers); (c) runs in one
+process. The last line is `loader_vs_peer=X.XX loader_vs_decode_limit=0.YY`.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def build_data(tmp: Path, images: int, size: int) -> tuple[Path, Path, Path, list]:
+    from fashionseg.data.shards.build import BuildConfig, build
+    from fashionseg.data.shards.reader import iter_split
+    from fashionseg.data.synth import write_dataset
+
+    src = write_dataset(tmp / "src", images, seed=0, size=size, progress=False)
+    shards = tmp / "shards"
+    code, report = build(BuildConfig(src=str(src), out=str(shards), val_fraction=0.0, samples_per_shard=64, workers=0,
+                                     progress=False))
+    if code != 0:
+        sys.exit(f"shard build failed: {report.get('error')}")
+    # the peer's input: the very same stored images as loose files + a COCO JSON
+    loose = tmp / "loose"
+    loose.mkdir()
+    coco = {"images": [], "annotations": [], "categories": []}
+    cats = set()
+    raw = list(iter_split(shards, "train"))
+    for i, (key, jpg, meta) in enumerate(raw):
+        (loose / f"{key}.jpg").write_bytes(jpg)
+        coco["images"].append({"id": i, "file_name": f"{key}.jpg", "height": meta["height"], "width": meta["width"]})
+        for inst in meta["instances"]:
+            cats.add(inst["category_id"])
+            coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": i, "category_id": inst["category_id"],
+                                        "segmentation": inst["segmentation"], "bbox": inst["bbox"], "area": inst["area"],
+                                        "iscrowd": 0})
+    coco["categories"] = [{"id": c, "name": str(c)} for c in sorted(cats)]
+    ann = tmp / "instances.json"
+    ann.write_text(json.dumps(coco))
+    return shards, loose, ann, raw
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=192)
+    p.add_argument("--size", type=int, default=1024, help="synthetic image height (default 1024)")
+    p.add_argument("--min-size", type=int, default=800, help="train shorter side (default 800)")
+    p.add_argument("--max-size", type=int, default=1333)
+    p.add_argument("--workers", type=int, default=1, help="DataLoader worker processes for (a) and (b) (default 1)")
+    p.add_argument("--repeats", type=int, default=3, help="timed passes of each pipeline, interleaved (median)")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+
+    from PIL import Image
+    from pycocotools import mask as mask_util
+    from torch.utils.data import DataLoader
+    from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
+    from torchvision.io import decode_jpeg
+    from torchvision.transforms import v2
+
+    from fashionseg.data.loader import LoaderConfig, build_loader
+
+    with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
+        tmp = Path(tmp)
+        print(f"building {args.images} synthetic images of height {args.size} ...", flush=True)
+        shards, loose, ann, raw = build_data(tmp, args.images, args.size)
+        n = len(raw)
+        n_inst = sum(len(m["instances"]) for _, _, m in raw)
+        mean_px = np.mean([m["height"] * m["width"] for _, _, m in raw])
+        mean_kb = np.mean([len(j) for _, j, _ in raw]) / 1024
+        print(f"{n} images, {n_inst / n:.1f} instances/image, {mean_px / 1e6:.2f} Mpx, {mean_kb:.0f} KiB/jpg; "
+              f"resize shorter side {args.min_size} (max {args.max_size}); workers {args.workers}; torch threads 1")
+        per = max(1, args.workers)
+
+        # JPEG decoder choice
+        jpgs = [j for _, j, _ in raw]
+        tensors = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpgs]
+
+        def pil():
+            for j in jpgs:
+                Image.open(io.BytesIO(j)).convert("RGB").load()
+            return n
+
+        def tv():
+            for t in tensors:
+                decode_jpeg(t)
+            return n
+
+        # (c) decode-only limit: JPEG (the faster decoder) + every mask decoded by pycocotools
+        rles = [[{"size": i["segmentation"]["size"], "counts": i["segmentation"]["counts"].encode()} for i in m["instances"]]
+                for _, _, m in raw]
+
+        def limit():
+            for t, r in zip(tensors, rles):
+                decode_jpeg(t)
+                if r:
+                    mask_util.decode(r)
+            return n
+
+        # (a) this loader
+        def loader_pass(jitter: float):
+            cfg = LoaderConfig(batch_size=2, workers=args.workers, min_size=[args.min_size], max_size=args.max_size,
+                               hflip=0.5, color_jitter=jitter, group_aspect_ratio=True)
+            ld = build_loader(cfg, shards, "train", rank=0, world_size=1, seed=0, train=True)
+            return lambda: sum(len(i) for i, _ in ld)
+
+        # (b) the peer
+        tf = v2.Compose([v2.ToImage(), v2.RandomHorizontalFlip(0.5), v2.Resize(args.min_size, max_size=args.max_size),
+                         v2.ToDtype(torch.float32, scale=True)])
+        ds = wrap_dataset_for_transforms_v2(CocoDetection(str(loose), str(ann), transforms=tf),
+                                            target_keys={"boxes", "labels", "masks", "image_id"})
+        peer = DataLoader(ds, batch_size=2, num_workers=args.workers, collate_fn=lambda b: tuple(zip(*b)), shuffle=True)
+
+        pipelines = {"pil": pil, "tv": tv, "limit": limit, "loader": loader_pass(0.0), "loader_jitter": loader_pass(0.4),
+                     "peer": lambda: sum(len(i) for i, _ in peer)}
+        times: dict[str, list[float]] = {k: [] for k in pipelines}
+        for rep in range(args.repeats + 1):  # interleaved, so that load from other processes hits all alike
+            for name, fn in pipelines.items():
+                t0 = time.perf_counter()
+                count = fn()
+                if rep:  # the first round warms up
+                    times[name].append(count / (time.perf_counter() - t0))
+        r = {k: statistics.median(v) for k, v in times.items()}
+        for k in ("loader", "loader_jitter", "peer"):
+            r[k] /= per
+        r_pil, r_tv, r_limit, r_loader, r_loader_jit, r_peer = (r[k] for k in pipelines)
+
+        rows = [("JPEG decode: PIL", r_pil), ("JPEG decode: torchvision.io.decode_jpeg", r_tv),
+                ("(c) decode-only limit (JPEG + RLE decode)", r_limit),
+                ("(a) fashionseg loader (resize, flip)", r_loader),
+                ("(a') fashionseg loader (resize, flip, jitter 0.4)", r_loader_jit),
+                ("(b) CocoDetection + transforms v2 (resize, flip)", r_peer)]
+        for name, r in rows:
+            print(f"{name:<52} {r:8.1f} images/s per process")
+        print(f"loader_vs_peer={r_loader / r_peer:.2f} loader_vs_decode_limit={r_loader / r_limit:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Read Fashionpedia / COCO JSON (FORMATS.md section 2) into records.
+
+SRC is the annotation JSON or a folder holding exactly one. Images are found by `file_name`
+beside the JSON, under `images/` next to it, or under `--images DIR`. The vocabulary is the
+file's own `categories` / `attributes` (Fashionpedia releases differ in size).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fashionseg.data.sources.records import (
+    DROP_ATTRIBUTE, DROP_IMAGE, DROP_INSTANCE, RawImage, RawInstance, Source, SourceError, problem,
+)
+from fashionseg.data.vocab import Vocab, VocabError
+
+
+def find_json(src: Path) -> Path | None:
+    if src.is_file():
+        return src
+    if src.is_dir():
+        found = sorted(p for p in src.glob("*.json") if p.name != "label_descriptions.json")
+        if len(found) > 1:
+            raise SourceError(f"{src}: several JSON files ({', '.join(p.name for p in found)}); pass the annotation file itself as SRC")
+        return found[0] if found else None
+    return None
+
+
+def looks_like(src: Path) -> bool:
+    try:
+        return find_json(src) is not None and not (src.is_dir() and (src / "train.csv").is_file())
+    except SourceError:
+        return True
+
+
+def _image_dir(json_path: Path, file_names: list[str], images_dir: str | Path | None) -> Path:
+    if images_dir:
+        return Path(images_dir)
+    for cand in (json_path.parent, json_path.parent / "images"):
+        if any((cand / fn).is_file() for fn in file_names[:50]):
+            return cand
+    return json_path.parent / "images" if (json_path.parent / "images").is_dir() else json_path.parent
+
+
+def read(src: str | Path, images_dir: str | Path | None = None) -> Source:
+    src = Path(src)
+    json_path = find_json(src)
+    if json_path is None:
+        raise SourceError(f"{src}: no COCO annotation JSON here; pass the instances_attributes_*.json file as SRC")
+    try:
+        d = json.loads(json_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SourceError(f"{json_path}: cannot read the annotation JSON ({e})") from e
+    if not isinstance(d, dict):
+        raise SourceError(f"{json_path}: not a COCO annotation file (top level is not an object)")
+    try:
+        vocab = Vocab.from_dict(d, str(json_path))
+    except VocabError as e:
+        raise SourceError(f"{e}; a COCO file needs 'categories' (and 'attributes') lists") from e
+    for key in ("images", "annotations"):
+        if not isinstance(d.get(key), list):
+            raise SourceError(f"{json_path}: no '{key}' list: this is not a COCO instances file")
+
+    problems: list[dict] = []
+    images: dict[int, RawImage] = {}
+    file_names = [str(im.get("file_name", "")) for im in d["images"] if isinstance(im, dict)]
+    root = _image_dir(json_path, file_names, images_dir)
+    for i, im in enumerate(d["images"]):
+        if not isinstance(im, dict) or "id" not in im or not im.get("file_name"):
+            problems.append({**problem(DROP_IMAGE, "image entry without id or file_name", None, f"images[{i}]"), "instances": 0})
+            continue
+        h, w = im.get("height"), im.get("width")
+        if not (isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0):
+            h = w = None  # taken from the decoded image
+        stem = Path(str(im["file_name"])).stem
+        images[im["id"]] = RawImage(stem, str(root / str(im["file_name"])), h, w)
+
+    for i, ann in enumerate(d["annotations"]):
+        where = f"annotation id {ann.get('id', f'#{i}')}" if isinstance(ann, dict) else f"annotations[{i}]"
+        if not isinstance(ann, dict):
+            problems.append(problem(DROP_INSTANCE, "annotation is not an object", None, where))
+            continue
+        img = images.get(ann.get("image_id"))
+        if img is None:
+            problems.append(problem(DROP_INSTANCE, f"image_id {ann.get('image_id')!r} is not in 'images'", None, where))
+            continue
+        cls = ann.get("category_id")
+        if not isinstance(cls, int) or not vocab.has_category(cls):
+            problems.append(problem(DROP_INSTANCE, f"unknown category_id {cls!r}", img.image_id, where))
+            continue
+        seg = ann.get("segmentation")
+        if not seg:
+            problems.append(problem(DROP_INSTANCE, "no segmentation", img.image_id, where))
+            continue
+        attrs: list[int] = []
+        for a in ann.get("attribute_ids") or []:
+            if not isinstance(a, int) or not vocab.has_attribute(a):
+                problems.append(problem(DROP_ATTRIBUTE, f"unknown attribute id {a!r} (instance kept)", img.image_id, where, bad=False))
+                continue
+            attrs.append(a)
+        img.instances.append(RawInstance(where, cls, sorted(set(attrs)), img.height or 0, img.width or 0, segmentation=seg))
+    return Source("coco", json_path, vocab, list(images.values()), problems, len(d["annotations"]))

@@ -1,0 +1,263 @@
+"""Run a model over images: weights loading, decoding, model outputs -> COCO results, rank split.
+
+Model outputs (docs/design.md) come back on the grid of the image the model was given; a result
+is RLE-encoded on the grid the caller names (`out_size`): the stored image's own grid for
+evaluation against shard ground truth, the original (pre-resize) grid for predict/submission.
+Mask probabilities are resized to that grid (bilinear) before they are binarised, so a mask is
+cut at `mask_thresh` only once. Binarisation is `prob > mask_thresh`, as `binarize_masks` in
+model/build.py and torchvision do.
+
+Distributed evaluation: rank r takes the samples whose split index i has i % world_size == r
+(every sample exactly once, no padding: a training loader that evens out step counts would
+duplicate or drop samples), and the per-rank results are gathered on rank 0 with
+`torch.distributed.gather_object` (which accelerate also runs on).
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from pycocotools import mask as mask_util
+
+from fashionseg.data.vocab import Vocab, VocabError
+
+CHECKPOINT_KEYS = ("model", "config", "categories", "attributes")
+
+
+class WeightsError(ValueError):
+    """A weights file that cannot be turned into a model (the message names the file and key)."""
+
+
+# -- weights ------------------------------------------------------------------------------------
+def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """`model_final.pth` (trainer's format) -> (model in eval mode on `device`, Vocab, ModelConfig).
+
+    The file is `{"model": state_dict, "config": {..., "model": ModelConfig fields},
+    "categories": [...], "attributes": [...]}`, read with `weights_only=True`."""
+    from fashionseg.model.build import ModelConfig, build_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such weights file" + ("" if path.parent.exists() else f" (folder {path.parent} does not exist)"))
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and weights_only errors all mean the same to the user
+        raise WeightsError(f"{path}: cannot read as a torch weights file ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+    if not isinstance(ckpt, dict):
+        raise WeightsError(f"{path}: not a fashionseg checkpoint (a {type(ckpt).__name__}, expected a dict with keys {', '.join(CHECKPOINT_KEYS)})")
+    for key in CHECKPOINT_KEYS:
+        if key not in ckpt:
+            keys = list(map(str, ckpt))
+            has = ", ".join(keys[:6]) + (f", ... ({len(keys)} keys)" if len(keys) > 6 else "") if keys else "nothing"
+            bare = " (a bare state dict?)" if keys and all(torch.is_tensor(v) for v in ckpt.values()) else ""
+            raise WeightsError(f"{path}: not a fashionseg checkpoint: missing key '{key}'{bare}; has {has}. "
+                               "Use the model_final.pth a training run writes")
+    config = ckpt["config"]
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise WeightsError(f"{path}: not a fashionseg checkpoint: missing key 'config.model' (the ModelConfig fields)")
+    try:
+        vocab = Vocab(list(ckpt["categories"]), list(ckpt["attributes"]))
+    except (VocabError, TypeError) as e:
+        raise WeightsError(f"{path}: bad 'categories'/'attributes' vocabulary ({e})") from e
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(config["model"]) - known)
+    if unknown:
+        raise WeightsError(f"{path}: config.model has keys this fashionseg does not know: {unknown} (written by a newer version?)")
+    # pretrained weights are already in the state dict; never load (or look for) them again
+    model_cfg = ModelConfig(**{**config["model"], "pretrained": None})
+    model = build_model(model_cfg, num_classes=vocab.num_classes, num_attributes=vocab.num_attributes)
+    state = ckpt["model"]
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path}: 'model' is a {type(state).__name__}, expected a state dict")
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+             if k in own and torch.is_tensor(v) and v.shape != own[k].shape]
+    if wrong:
+        raise WeightsError(f"{path}: weights do not fit a {model_cfg.backbone} model with {vocab.num_categories} categories / "
+                           f"{vocab.num_attributes} attributes (file vs model): {'; '.join(wrong[:3])}"
+                           f"{'...' if len(wrong) > 3 else ''}; the vocabulary in the file must be the one it was trained with")
+    result = model.load_state_dict(state, strict=False)
+    # trained from pretrained weights the norm layers were FrozenBatchNorm2d, which has no
+    # num_batches_tracked buffer; BatchNorm2d in eval mode computes the same function
+    missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+    unexpected = list(result.unexpected_keys)
+    if missing or unexpected:
+        raise WeightsError(f"{path}: weights do not fit a {model_cfg.backbone} model with {vocab.num_categories} categories / "
+                           f"{vocab.num_attributes} attributes: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                           f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    model_cfg.pretrained = config["model"].get("pretrained")
+    model.to(device).eval()
+    return model, vocab, model_cfg
+
+
+def check_same_vocab(model_vocab: Vocab, data_vocab: Vocab, where: str) -> None:
+    """Category/attribute ids of a model and a dataset must agree, or every score is garbage."""
+    for kind in ("categories", "attributes"):
+        a = [c["id"] for c in getattr(model_vocab, kind)]
+        b = [c["id"] for c in getattr(data_vocab, kind)]
+        if a != b:
+            raise WeightsError(f"{where}: the model's {kind} ({len(a)} ids) differ from the data's ({len(b)} ids); "
+                               "evaluate with shards built from the same label_descriptions.json")
+
+
+# -- images -------------------------------------------------------------------------------------
+def decode_image(data: bytes | str | os.PathLike, name: str = "") -> torch.Tensor:
+    """JPEG/PNG bytes or a file path -> float32 [3, H, W] in 0..1 (greyscale/CMYK made RGB).
+
+    torchvision's decoder first, as the training transforms (data/transforms.py) use, so eval
+    sees the pixels training saw; PIL for what it cannot read. The pixel grid is the file's own
+    (no EXIF rotation), the grid Kaggle's Height/Width use."""
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_image as tv_decode
+
+    raw = data if isinstance(data, (bytes, bytearray)) else None
+    try:
+        if raw is None:
+            raw = Path(data).read_bytes()
+        img = tv_decode(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except OSError as e:
+        raise ValueError(f"{name or data}: cannot read the image ({e})") from e
+    except RuntimeError:
+        try:
+            pil = Image.open(io.BytesIO(raw)).convert("RGB")
+        except Exception as e:
+            raise ValueError(f"{name or data}: cannot decode the image ({e})") from e
+        img = torch.from_numpy(np.array(pil, dtype=np.uint8)).permute(2, 0, 1)
+    return img.float().div_(255.0)
+
+
+# -- outputs -> results -------------------------------------------------------------------------
+def _to_grid(output: dict, out_size: tuple[int, int] | None, chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """(boxes, binary masks uint8 [N, H, W]) on `out_size`, resizing probabilities first."""
+    probs, boxes = output["masks"], output["boxes"].float()
+    n, _, h, w = probs.shape if probs.dim() == 4 else (0, 1, 0, 0)
+    H, W = out_size if out_size is not None else (h, w)
+    thresh = float(output.get("_mask_thresh", 0.5))
+    if n == 0:
+        return boxes.reshape(0, 4), torch.zeros((0, H, W), dtype=torch.uint8)
+    if (H, W) == (h, w):
+        return boxes, (probs[:, 0] > thresh).to(torch.uint8)
+    scale = boxes.new_tensor([W / w, H / h, W / w, H / h])
+    out = torch.empty((n, H, W), dtype=torch.uint8)
+    for i in range(0, n, chunk):
+        p = F.interpolate(probs[i : i + chunk].float(), size=(H, W), mode="bilinear", align_corners=False)
+        out[i : i + chunk] = (p[:, 0] > thresh).to(torch.uint8).cpu()
+    return boxes * scale, out
+
+
+def encode_masks(masks: np.ndarray) -> list[dict]:
+    """uint8 [N, H, W] -> COCO compressed RLEs with str counts (one pycocotools call)."""
+    if len(masks) == 0:
+        return []
+    rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
+    return [{"size": [int(r["size"][0]), int(r["size"][1])], "counts": r["counts"].decode("ascii")} for r in rles]
+
+
+def outputs_to_results(output: dict, image_id: int, vocab: Vocab, *, mask_thresh: float, attr_thresh: float = 0.5,
+                       out_size: tuple[int, int] | None = None, image_key: str | None = None) -> list[dict]:
+    """One image's model output -> COCO result dicts (source category/attribute ids).
+
+    `attribute_ids` are the attributes with sigmoid score >= attr_thresh, highest first, with
+    their scores in `attribute_scores`; masks and boxes are on `out_size` (default: as given)."""
+    output = {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in output.items()}
+    output["_mask_thresh"] = mask_thresh
+    boxes, masks = _to_grid(output, out_size)
+    rles = encode_masks(masks.numpy())
+    labels = output["labels"].tolist()
+    scores = output["scores"].float().tolist()
+    attr = output.get("attribute_scores")
+    attr = attr.float().numpy() if attr is not None else np.zeros((len(labels), 0), np.float32)
+    results = []
+    for i, (label, score) in enumerate(zip(labels, scores)):
+        x0, y0, x1, y1 = boxes[i].tolist()
+        order = np.argsort(-attr[i], kind="stable")
+        keep = [j for j in order.tolist() if attr[i, j] >= attr_thresh]
+        r = {"image_id": int(image_id), "category_id": vocab.category_id(int(label)), "score": float(score),
+             "bbox": [x0, y0, x1 - x0, y1 - y0], "segmentation": rles[i],
+             "attribute_ids": [vocab.attribute_id(j) for j in keep],
+             "attribute_scores": [round(float(attr[i, j]), 5) for j in keep]}
+        if image_key is not None:
+            r["image_key"] = image_key
+        results.append(r)
+    return results
+
+
+# -- distributed --------------------------------------------------------------------------------
+def rank_and_world(accelerator: Any = None) -> tuple[int, int]:
+    if accelerator is not None:
+        return int(accelerator.process_index), int(accelerator.num_processes)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def gather_to_main(obj: Any, accelerator: Any = None) -> list | None:
+    """Every rank's `obj` as a list (rank order) on rank 0; None on the other ranks."""
+    rank, world = rank_and_world(accelerator)
+    if world == 1:
+        return [obj]
+    out = [None] * world if rank == 0 else None
+    torch.distributed.gather_object(obj, out, dst=0)
+    return out
+
+
+def broadcast_from_main(obj: Any, accelerator: Any = None) -> Any:
+    """Rank 0's `obj` on every rank (so every rank takes the same decision on the metrics)."""
+    _, world = rank_and_world(accelerator)
+    if world == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# -- iteration ----------------------------------------------------------------------------------
+def iter_rank_samples(shard_dir, split: str, rank: int = 0, world_size: int = 1,
+                      max_images: int | None = None) -> Iterator[tuple[int, str, bytes, dict]]:
+    """(split index, key, jpg bytes, sample JSON) of the samples this rank owns (index % world == rank)."""
+    from fashionseg.data.shards.reader import iter_split
+
+    for index, (key, jpg, meta) in enumerate(iter_split(shard_dir, split)):
+        if max_images is not None and index >= max_images:
+            return
+        if index % world_size == rank:
+            yield index, key, jpg, meta
+
+
+def batched(items: Iterable, n: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def split_size(shard_dir, split: str, max_images: int | None = None) -> int:
+    from fashionseg.data.shards.reader import read_manifest
+
+    manifest = read_manifest(shard_dir)
+    if split not in manifest["splits"]:
+        from fashionseg.data.shards.manifest import ManifestError
+
+        raise ManifestError(f"{shard_dir}: no split '{split}' (has {', '.join(manifest['splits'])})")
+    n = int(manifest["splits"][split]["num_samples"])
+    return n if max_images is None else min(n, max_images)
+
+
+def rank_share(n: int, rank: int, world: int) -> int:
+    return len(range(rank, n, world))
+
+
+def images_per_second(n: int, seconds: float) -> float:
+    return n / seconds if seconds > 0 else math.inf

@@ -1,0 +1,172 @@
+"""COCO bbox/segm metrics on hand-built ground truth: the oracle scores 1, a perturbed copy less,
+and a case small enough to compute AP by hand matches pycocotools' number."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fashionseg.data.rle import encode_coco
+from fashionseg.data.vocab import Vocab
+from fashionseg.eval import coco as coco_lib
+
+VOCAB = Vocab(
+    categories=[{"id": 0, "name": "shirt"}, {"id": 3, "name": "pants"}, {"id": 7, "name": "sleeve"}],
+    attributes=[{"id": 2, "name": "a2"}, {"id": 5, "name": "a5"}, {"id": 40, "name": "a40"}, {"id": 99, "name": "a99"}],
+)
+
+
+def rect_mask(h, w, x0, y0, x1, y1):
+    m = np.zeros((h, w), np.uint8)
+    m[y0:y1, x0:x1] = 1
+    return m
+
+
+def instance(cat, mask, attrs=()):
+    ys, xs = np.nonzero(mask)
+    x0, y0 = int(xs.min()), int(ys.min())
+    return {"category_id": cat, "attribute_ids": list(attrs),
+            "bbox": [x0, y0, int(xs.max()) - x0 + 1, int(ys.max()) - y0 + 1],
+            "area": int(mask.sum()), "segmentation": encode_coco(mask)}
+
+
+def sample(key, h, w, instances):
+    return key, {"image_id": key, "height": h, "width": w, "orig_height": h, "orig_width": w, "instances": instances}
+
+
+def make_gt():
+    samples = [
+        sample("a", 40, 50, [instance(0, rect_mask(40, 50, 2, 2, 20, 30), [2, 5]),
+                             instance(3, rect_mask(40, 50, 25, 5, 48, 38), [40]),
+                             instance(7, rect_mask(40, 50, 2, 31, 12, 39))]),
+        sample("b", 30, 30, [instance(0, rect_mask(30, 30, 0, 0, 15, 15), [5]),
+                             instance(0, rect_mask(30, 30, 16, 16, 30, 30), [])]),
+        sample("c", 32, 24, []),
+    ]
+    return coco_lib.gt_from_samples(samples, VOCAB)
+
+
+def test_ground_truth_as_predictions_scores_one():
+    gt = make_gt()
+    coco_gt = coco_lib.coco_from_dict(gt)
+    results = coco_lib.results_from_gt(gt)
+    for iou_type in ("bbox", "segm"):
+        m = coco_lib.coco_evaluate(coco_gt, results, iou_type)
+        assert m["AP"] == pytest.approx(1.0) and m["AP50"] == pytest.approx(1.0) and m["AP75"] == pytest.approx(1.0)
+        assert all(v["AP"] == pytest.approx(1.0) for v in m["per_category"].values())
+        assert set(m["per_category"]) == {"0", "3", "7"}
+
+
+def test_perturbed_predictions_score_lower():
+    gt = make_gt()
+    coco_gt = coco_lib.coco_from_dict(gt)
+    results = coco_lib.results_from_gt(gt)
+    # shift one mask and its box by 6 px: IoU drops below the upper thresholds
+    r = results[1]
+    h, w = r["segmentation"]["size"]
+    shifted = np.roll(coco_lib.mask_util.decode({"size": [h, w], "counts": r["segmentation"]["counts"].encode()}), 6, axis=1)
+    r["segmentation"] = encode_coco(shifted)
+    r["bbox"] = [r["bbox"][0] + 6, r["bbox"][1], r["bbox"][2], r["bbox"][3]]
+    # a confident false positive in image c
+    results.append({"image_id": 2, "category_id": 0, "score": 2.0, "bbox": [1, 1, 5, 5],
+                    "segmentation": encode_coco(rect_mask(32, 24, 1, 1, 6, 6)), "attribute_ids": []})
+    for iou_type in ("bbox", "segm"):
+        m = coco_lib.coco_evaluate(coco_gt, results, iou_type)
+        assert m["AP"] < 0.95
+        assert m["per_category"]["3"]["AP"] < 1.0 and m["per_category"]["7"]["AP"] == pytest.approx(1.0)
+
+
+def hand_case():
+    """One image, one category, two GTs; three detections: exact hit, miss, exact hit.
+
+    Precision/recall down the ranking: (1, .5), (.5, .5), (2/3, 1). pycocotools' interpolated
+    precision is 1 at the 51 recall thresholds 0..0.50 and 2/3 at the 50 above, at every IoU
+    threshold (IoUs are exactly 1 or 0): AP = (51 + 50 * 2/3) / 101."""
+    h, w = 40, 40
+    g1, g2 = rect_mask(h, w, 0, 0, 10, 10), rect_mask(h, w, 20, 20, 30, 30)
+    gt = coco_lib.gt_from_samples([sample("x", h, w, [instance(0, g1, [2]), instance(0, g2, [2, 5])])], VOCAB)
+    far = rect_mask(h, w, 12, 0, 18, 6)
+    dets = [(0.9, g1, [2]), (0.8, far, [2]), (0.7, g2, [2, 5])]
+    results = [{"image_id": 0, "category_id": 0, "score": s, "segmentation": encode_coco(m),
+                "bbox": instance(0, m)["bbox"], "attribute_ids": a} for s, m, a in dets]
+    return gt, results
+
+
+HAND_AP = (51 + 50 * 2 / 3) / 101
+
+
+@pytest.mark.parametrize("iou_type", ["bbox", "segm"])
+def test_hand_computed_ap(iou_type):
+    gt, results = hand_case()
+    m = coco_lib.coco_evaluate(coco_lib.coco_from_dict(gt), results, iou_type)
+    assert m["AP"] == pytest.approx(HAND_AP, abs=1e-12)
+    assert m["AP50"] == pytest.approx(HAND_AP, abs=1e-12)
+    assert m["AR100"] == pytest.approx(1.0)
+    assert m["per_category"]["0"]["AP"] == pytest.approx(HAND_AP, abs=1e-12)
+    assert m["per_category"]["3"]["AP"] is None  # no ground truth: undefined, not 0
+
+
+def test_no_detections_and_bad_ids():
+    gt = make_gt()
+    coco_gt = coco_lib.coco_from_dict(gt)
+    m = coco_lib.coco_evaluate(coco_gt, [], "segm")
+    assert m["AP"] == 0.0
+    with pytest.raises(coco_lib.EvalDataError, match="image_id 17"):
+        coco_lib.coco_evaluate(coco_gt, [{"image_id": 17, "category_id": 0, "score": 1, "bbox": [0, 0, 1, 1]}], "bbox")
+
+
+def test_gt_rejects_bad_samples():
+    with pytest.raises(coco_lib.EvalDataError, match="sample 'z' instance 0: category_id 12"):
+        coco_lib.gt_from_samples([sample("z", 10, 10, [instance(12, rect_mask(10, 10, 0, 0, 3, 3))])], VOCAB)
+    bad = instance(0, rect_mask(10, 10, 0, 0, 3, 3))
+    with pytest.raises(coco_lib.EvalDataError, match="mask size"):
+        coco_lib.gt_from_samples([sample("z", 10, 12, [bad])], VOCAB)
+
+
+def test_segm_ignores_boxes_of_results():
+    """A result with a wrong box but a right mask is perfect in segm and wrong in bbox."""
+    gt, results = hand_case()
+    results = [r for r in results if r["score"] != 0.8]
+    for r in results:
+        r["bbox"] = [35, 35, 2, 2]
+    coco_gt = coco_lib.coco_from_dict(gt)
+    assert coco_lib.coco_evaluate(coco_gt, results, "segm")["AP"] == pytest.approx(1.0)
+    assert coco_lib.coco_evaluate(coco_gt, results, "bbox")["AP"] == pytest.approx(0.0)
+
+
+def test_threshold_search_finds_the_right_postprocessing():
+    """Cached loose detections where the right answer is known: a duplicate of the first object
+    (box IoU 2/3, ranked above the second object) that only NMS at IoU <= 0.5 removes, and mask
+    probabilities 0.7 on each object plus a 0.45 ring that only mask_thresh 0.5 leaves out;
+    score_thresh 0.75 would drop the second object."""
+    import torch
+
+    from fashionseg.eval.tune import CachedImage, search
+
+    h, w = 40, 40
+    g1, g2 = rect_mask(h, w, 5, 5, 15, 15), rect_mask(h, w, 22, 20, 32, 30)
+    gt = coco_lib.gt_from_samples([sample("x", h, w, [instance(0, g1, [2]), instance(3, g2, [40])])], VOCAB)
+
+    def probs(x0, y0, x1, y1):
+        p = torch.zeros(h, w)
+        p[max(y0 - 3, 0):y1 + 3, max(x0 - 3, 0):x1 + 3] = 0.45
+        p[y0:y1, x0:x1] = 0.7
+        return p
+
+    dets = [((5, 5, 15, 15), 0, 0.9), ((7, 5, 17, 15), 0, 0.8), ((22, 20, 32, 30), 3, 0.7)]
+    out = {"boxes": torch.tensor([d[0] for d in dets], dtype=torch.float32),
+           "labels": torch.tensor([VOCAB.category_index(d[1]) for d in dets]),
+           "scores": torch.tensor([d[2] for d in dets]),
+           "masks": torch.stack([probs(*d[0]) for d in dets])[:, None],
+           "attribute_scores": torch.tensor([[0.9, 0.1, 0.0, 0.0], [0.9, 0.0, 0.0, 0.0], [0.0, 0.0, 0.8, 0.0]])}
+    cache = [CachedImage(0, out, (h, w))]
+    trials = search(gt, cache, VOCAB, metric="segm", scores=(0.05, 0.75), nms_values=(0.5, 0.7),
+                    mask_values=(0.4, 0.5), max_dets=100, progress=False)
+    best = trials[0]
+    assert (best["score_thresh"], best["nms_thresh"], best["mask_thresh"], best["value"]) == (0.05, 0.5, 0.5, pytest.approx(1.0))
+    assert all(t["value"] < 1.0 for t in trials[1:])
+    # the cached crops cut at 0.5 give back exactly the object masks
+    assert np.array_equal(coco_lib.mask_util.decode({"size": [h, w], "counts": cache[0].rle(2, 0.5)["counts"].encode()}), g2)
+    # and AP^{IoU+F1} is searchable the same way (attributes: a2 for the shirt, a40 for the pants)
+    fp = search(gt, cache, VOCAB, metric="iou_f1", scores=(0.05,), nms_values=(0.5,), mask_values=(0.5,), max_dets=100,
+                progress=False)
+    assert fp[0]["value"] == pytest.approx(1.0)

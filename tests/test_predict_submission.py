@@ -1,0 +1,334 @@
+"""predict -> predictions.json / submission.csv / overlays, read back independently; TTA merging;
+weights loading errors; eval and tune-thresholds end to end on a small random model."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from fashionseg.cli import main as fashionseg_main
+from fashionseg.data.rle import decode_coco
+from fashionseg.data.shards.reader import iter_split, read_manifest
+from fashionseg.data.vocab import Vocab
+from fashionseg.eval import inference as inf
+from fashionseg.eval.predict import merge_passes, tta_outputs
+from fashionseg.eval.submission import SubmissionError, disjoint_masks, read_submission
+
+
+def kaggle_decode(encoded: str, height: int, width: int) -> np.ndarray:
+    """Independent Kaggle RLE decoder: 1-indexed starts, pixels numbered down columns first."""
+    flat = np.zeros(height * width, dtype=np.uint8)
+    nums = [int(v) for v in encoded.split()]
+    for start, length in zip(nums[0::2], nums[1::2]):
+        flat[start - 1 : start - 1 + length] = 1
+    return flat.reshape(width, height).T  # column-major: pixel k is (row k % H, column k // H)
+
+
+def test_kaggle_decode_is_column_major():
+    m = kaggle_decode("2 3", 3, 2)  # pixels 2,3,4 -> (1,0), (2,0), (0,1)
+    assert m.tolist() == [[0, 1], [1, 0], [1, 0]]
+
+
+# -- fixtures -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def resized_shards(synth_src, tmp_path_factory):
+    """The synthetic dataset built with max_size=64: stored images smaller than the originals."""
+    from fashionseg.data.shards.build import BuildConfig, build
+
+    out = tmp_path_factory.mktemp("resized_shards")
+    code, report = build(BuildConfig(src=str(synth_src), out=str(out), samples_per_shard=4, val_fraction=0.25,
+                                     max_size=64, workers=1, progress=False))
+    assert code == 0, report.get("error")
+    return out
+
+
+@pytest.fixture(scope="module")
+def weights(resized_shards, tmp_path_factory):
+    """A randomly initialised light model saved in the trainer's model_final.pth format."""
+    from fashionseg.model.build import ModelConfig, build_model
+
+    vocab = Vocab.from_dict(read_manifest(resized_shards))
+    cfg = ModelConfig(backbone="mobilenet_v3_large_fpn", min_size=64, max_size=96, score_thresh=0.0,
+                      detections_per_img=4, attribute_hidden=0, mask_head_hidden=32, mask_thresh=0.5)
+    torch.manual_seed(0)
+    model = build_model(cfg, vocab.num_classes, vocab.num_attributes)
+    path = tmp_path_factory.mktemp("weights") / "model_final.pth"
+    torch.save({"model": model.state_dict(), "config": {"model": asdict(cfg), "train": {"lr": 0.01}},
+                "categories": vocab.categories, "attributes": vocab.attributes}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    d = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(1)
+    for name, (h, w) in {"odd_a": (45, 61), "odd_b": (70, 38)}.items():
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(d / f"{name}.jpg", quality=95)
+    return d
+
+
+def by_image(preds: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for p in preds:
+        out.setdefault(p["image_key"], []).append(p)
+    return out
+
+
+# -- predict ------------------------------------------------------------------------------------
+def test_predict_submission_is_bit_exact_on_the_original_grid(weights, resized_shards, image_folder, tmp_path):
+    out = tmp_path / "pred"
+    assert fashionseg_main(["predict", "--weights", str(weights), str(image_folder), str(resized_shards), "--split", "val",
+                            "--out", str(out), "--device", "cpu", "--no-progress", "--batch-size", "1"]) == 0  # batches pad: compare unbatched
+    preds = json.loads((out / "predictions.json").read_text())
+    grouped = by_image(preds)
+    model, vocab, cfg = inf.load_weights(weights, "cpu")
+
+    # the original grids: files as decoded, shard samples from their JSON
+    grids, stored = {}, {}
+    for f in sorted(image_folder.iterdir()):
+        grids[f.stem] = Image.open(f).size[::-1]
+        stored[f.stem] = inf.decode_image(f)
+    for key, jpg, meta in iter_split(resized_shards, "val"):
+        grids[meta["image_id"]] = (meta["orig_height"], meta["orig_width"])
+        stored[meta["image_id"]] = inf.decode_image(jpg)
+    assert any(stored[k].shape[-2:] != grids[k] for k in grids), "the fixture must resize some images"
+    assert set(grouped) == set(grids)  # score_thresh 0: every image has detections
+    assert all(len(v) == cfg.detections_per_img for v in grouped.values())
+
+    with torch.no_grad():
+        for key, dets in grouped.items():
+            masks = np.stack([decode_coco(d["segmentation"]) for d in dets])
+            assert masks.shape[1:] == tuple(grids[key])
+            # the masks are the model's own, resized to the original grid, cut at mask_thresh
+            o = model([stored[key]])[0]
+            probs = o["masks"]
+            if tuple(probs.shape[-2:]) != tuple(grids[key]):
+                probs = F.interpolate(probs, size=tuple(grids[key]), mode="bilinear", align_corners=False)
+            np.testing.assert_array_equal(masks, (probs[:, 0] > cfg.mask_thresh).numpy().astype(np.uint8))
+            assert [d["score"] for d in dets] == pytest.approx(o["scores"].tolist())
+            assert [d["category_id"] for d in dets] == [vocab.category_id(int(l)) for l in o["labels"]]
+
+    # submission.csv, decoded independently, holds the same masks with overlaps given to the higher score
+    rows = read_submission(out / "submission.csv", sizes={k: tuple(v) for k, v in grids.items()})
+    sub: dict[str, list[dict]] = {}
+    for r in rows:
+        sub.setdefault(r["ImageId"], []).append(r)
+    for key, dets in grouped.items():
+        dets = sorted(dets, key=lambda d: -d["score"])
+        taken = np.zeros(grids[key], bool)
+        expected = []
+        for d in dets:
+            m = decode_coco(d["segmentation"]).astype(bool) & ~taken
+            taken |= m
+            if m.any():
+                expected.append((m, d["category_id"], sorted(d["attribute_ids"])))
+        got = sub.get(key, [])
+        assert len(got) == len(expected)
+        union = np.zeros(grids[key], np.uint8)
+        for r, (m, cat, attrs) in zip(got, expected):
+            decoded = kaggle_decode(r["EncodedPixels"], *grids[key])
+            np.testing.assert_array_equal(decoded, m.astype(np.uint8))
+            assert r["ClassId"] == cat and r["AttributesIds"] == attrs
+            union += decoded
+        assert union.max() <= 1  # Kaggle's rule: no pixel in two masks
+
+    for key in grids:
+        png = Image.open(out / "overlays" / f"{key}.png")
+        assert png.size == (grids[key][1], grids[key][0])
+
+
+def test_predict_tta_end_to_end(weights, image_folder, tmp_path):
+    out = tmp_path / "tta"
+    assert fashionseg_main(["predict", "--weights", str(weights), str(image_folder / "odd_a.jpg"), "--out", str(out),
+                            "--device", "cpu", "--no-progress", "--no-overlays", "--tta", "--tta-scales", "0.75", "1.25"]) == 0
+    preds = json.loads((out / "predictions.json").read_text())
+    assert 0 < len(preds) <= 4 and all(p["image_key"] == "odd_a" for p in preds)
+    assert all(decode_coco(p["segmentation"]).shape == (45, 61) for p in preds)
+    assert not (out / "overlays").exists()
+
+
+def test_tta_single_pass_equals_plain_inference(weights, image_folder):
+    model, _, _ = inf.load_weights(weights, "cpu")
+    img = inf.decode_image(image_folder / "odd_b.jpg")
+    with torch.no_grad():
+        plain = model([img])[0]
+        one = tta_outputs(model, [img], scales=(1.0,), hflip=False)[0]
+        flipped = tta_outputs(model, [img.flip(-1)], scales=(1.0,), hflip=False)[0]
+    # one pass at the model's own scale: the model's NMS already left no same-class pair at
+    # IoU >= nms_thresh, so every cluster is a single detection and nothing changes
+    assert len(one["scores"]) == len(plain["scores"]) > 0
+    for k in ("boxes", "labels", "scores", "masks", "attribute_scores"):
+        torch.testing.assert_close(one[k], plain[k], rtol=0, atol=0)
+    assert model.transform.min_size == (64,) and model.transform.max_size == 96  # restored
+    assert len(flipped["scores"]) > 0
+
+
+def _det(box, label, score, mask_value, attr, size=(20, 20)):
+    m = torch.zeros(1, *size)
+    x0, y0, x1, y1 = box
+    m[0, y0:y1, x0:x1] = mask_value
+    return box, label, score, m, attr
+
+
+def _out(dets):
+    return {"boxes": torch.tensor([d[0] for d in dets], dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.tensor([d[1] for d in dets], dtype=torch.int64),
+            "scores": torch.tensor([d[2] for d in dets], dtype=torch.float32),
+            "masks": torch.stack([d[3] for d in dets]) if dets else torch.zeros(0, 1, 20, 20),
+            "attribute_scores": torch.tensor([d[4] for d in dets], dtype=torch.float32).reshape(-1, 2)}
+
+
+def test_merge_passes_votes_and_averages():
+    a = _out([_det((0, 0, 10, 10), 1, 0.8, 0.9, [1.0, 0.0]), _det((12, 12, 18, 18), 2, 0.6, 0.7, [0.0, 0.5])])
+    b = _out([_det((1, 0, 11, 10), 1, 0.4, 0.5, [0.0, 0.0])])  # the same object, seen again, shifted 1 px
+    m = merge_passes([a, b], iou_thresh=0.5, max_dets=10)
+    assert m["labels"].tolist() == [1, 2]
+    assert m["scores"].tolist() == pytest.approx([(0.8 + 0.4) / 2, 0.6 / 2])  # found by 2 of 2 / 1 of 2 passes
+    assert m["boxes"][0].tolist() == pytest.approx([(0 * 0.8 + 1 * 0.4) / 1.2, 0, (10 * 0.8 + 11 * 0.4) / 1.2, 10])
+    assert m["masks"][0, 0, 5, 5].item() == pytest.approx(0.7) and m["masks"][0, 0, 5, 10].item() == pytest.approx(0.25)
+    assert m["attribute_scores"][0].tolist() == pytest.approx([0.5, 0.0])
+    # another class at the same place is never merged
+    c = _out([_det((0, 0, 10, 10), 3, 0.9, 0.9, [0.0, 0.0])])
+    assert merge_passes([a, c], 0.5, 10)["labels"].tolist() == [3, 1, 2]  # 0.9/2, 0.8/2, 0.6/2
+    assert merge_passes([a, c], 0.5, 1)["labels"].tolist() == [3]
+    empty = merge_passes([_out([]), _out([])], 0.5, 10)
+    assert empty["scores"].shape == (0,)
+
+
+# -- submission ---------------------------------------------------------------------------------
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 7), st.integers(0, 7), st.integers(1, 8), st.integers(1, 8),
+                          st.sampled_from([0.1, 0.5, 0.9])), min_size=1, max_size=5))
+def test_disjoint_masks_keep_the_union_and_the_best(boxes):
+    masks, scores = [], []
+    for x, y, w, h, s in boxes:
+        m = np.zeros((10, 10), np.uint8)
+        m[y : y + h, x : x + w] = 1
+        masks.append(m)
+        scores.append(s)
+    out = disjoint_masks(masks, scores)
+    assert np.array_equal(np.sum(out, axis=0) > 0, np.sum(masks, axis=0) > 0)
+    assert np.sum(out, axis=0).max() <= 1
+    best = max(range(len(masks)), key=lambda i: (scores[i], -i))
+    assert np.array_equal(out[best], masks[best])
+    assert all(((o == 1) <= (m == 1)).all() for o, m in zip(out, masks))
+
+
+def test_read_submission_names_bad_rows(tmp_path):
+    p = tmp_path / "s.csv"
+    p.write_text("ImageId,EncodedPixels,ClassId\nx,1 2,3\n")
+    with pytest.raises(SubmissionError, match="header"):
+        read_submission(p)
+    p.write_text("ImageId,EncodedPixels,ClassId,AttributesIds\nx,1 2,3,\ny,5 100,1,\"4,5\"\n")
+    with pytest.raises(SubmissionError, match="line 3 \\(y\\): bad EncodedPixels"):
+        read_submission(p, sizes={"x": (4, 4), "y": (4, 4)})
+    rows = read_submission(p)
+    assert rows[1]["AttributesIds"] == [4, 5] and rows[0]["AttributesIds"] == []
+
+
+# -- weights ------------------------------------------------------------------------------------
+def test_load_weights_errors(weights, tmp_path):
+    with pytest.raises(inf.WeightsError, match="no such weights file"):
+        inf.load_weights(tmp_path / "nope.pth")
+    ckpt = torch.load(weights, weights_only=True)
+    bad = tmp_path / "bad.pth"
+    torch.save({k: v for k, v in ckpt.items() if k != "attributes"}, bad)
+    with pytest.raises(inf.WeightsError, match="missing key 'attributes'"):
+        inf.load_weights(bad)
+    torch.save({**ckpt, "config": {"train": {}}}, bad)
+    with pytest.raises(inf.WeightsError, match="config.model"):
+        inf.load_weights(bad)
+    torch.save(ckpt["model"], bad)  # a bare state dict
+    with pytest.raises(inf.WeightsError, match=r"missing key 'model' \(a bare state dict\?\)"):
+        inf.load_weights(bad)
+    bad.write_text("not torch")
+    with pytest.raises(inf.WeightsError, match="cannot read as a torch weights file"):
+        inf.load_weights(bad)
+    torch.save({**ckpt, "categories": ckpt["categories"][:-1]}, bad)
+    with pytest.raises(inf.WeightsError, match="do not fit"):
+        inf.load_weights(bad)
+
+
+# -- eval and tune end to end ---------------------------------------------------------------------
+def test_eval_command_writes_metrics(weights, resized_shards, tmp_path):
+    out = tmp_path / "eval.json"
+    assert fashionseg_main(["eval", "--weights", str(weights), "--shards", str(resized_shards), "--out", str(out),
+                            "--device", "cpu", "--no-progress"]) == 0
+    m = json.loads(out.read_text())
+    assert m["num_images"] == 6 and m["split"] == "val"
+    for section in ("bbox", "segm", "iou_f1"):
+        assert 0.0 <= m[section]["AP"] <= 1.0
+    assert sum(m["gt_counts"].values()) > 0
+    # a missing split is a clear error, not a traceback
+    assert fashionseg_main(["eval", "--weights", str(weights), "--shards", str(resized_shards), "--split", "test",
+                            "--out", str(tmp_path / "x.json"), "--device", "cpu", "--no-progress"]) == 1
+
+
+def test_tune_thresholds_updates_the_config(weights, resized_shards, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model:\n  backbone: mobilenet_v3_large_fpn\n  score_thresh: 0.9\ntrain:\n  lr: 0.02\n")
+    assert fashionseg_main(["tune-thresholds", "--weights", str(weights), "--shards", str(resized_shards),
+                            "--config", str(cfg), "--scores", "0.0,0.01", "--nms", "0.5", "--masks", "0.4,0.6",
+                            "--cache-dets", "8", "--max-images", "3", "--device", "cpu", "--no-progress"]) == 0
+    new = yaml.safe_load(cfg.read_text())
+    assert new["train"] == {"lr": 0.02} and new["model"]["backbone"] == "mobilenet_v3_large_fpn"
+    trials = json.loads(cfg.with_suffix(".trials.json").read_text())
+    assert len(trials) == 4
+    best = trials[0]
+    assert best["value"] == max(t["value"] for t in trials)
+    assert {k: new["model"][k] for k in ("score_thresh", "nms_thresh", "mask_thresh")} == \
+        {k: best[k] for k in ("score_thresh", "nms_thresh", "mask_thresh")}
+
+
+# -- distributed evaluation ---------------------------------------------------------------------
+def _eval_worker(rank: int, world: int, port: int, weights: str, shards: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from fashionseg.eval.evaluate import evaluate_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        model, vocab, _ = inf.load_weights(weights, "cpu")
+        m = evaluate_model(model, shards, "val", vocab, mask_thresh=0.5, batch_size=1, device="cpu", progress=False)
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(m))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_distributed_eval_equals_single_process(weights, resized_shards, tmp_path):
+    """Two gloo ranks each infer half the split; rank 0 scores the gathered results and every
+    rank returns the same metrics, equal to one process doing it all."""
+    import torch.multiprocessing as mp
+
+    from fashionseg.eval.evaluate import evaluate_model
+
+    mp.spawn(_eval_worker, args=(2, _free_port(), str(weights), str(resized_shards), str(tmp_path)), nprocs=2, join=True)
+    model, vocab, _ = inf.load_weights(weights, "cpu")
+    model.train()
+    single = evaluate_model(model, resized_shards, "val", vocab, mask_thresh=0.5, batch_size=1, device="cpu", progress=False)
+    assert model.training  # mode restored
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    single = json.loads(json.dumps(single))
+    for m in ranks + [single]:
+        m.pop("infer_seconds")
+    assert ranks[0] == ranks[1] == single
+    assert single["num_images"] == 6 and single["num_detections"] == 6 * 4
