@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -74,7 +75,9 @@ def data_steps_for_equal_optimizer_steps(n: int, warmup: int, every: int) -> int
     return best
 
 
-def train(shards: Path, run: Path, steps: int, seed: int, replay: dict | None, args) -> float:
+def train(shards: Path, run: Path, steps: int, seed: int, replay: dict | None, args) -> tuple[float, float]:
+    """Train one arm in a subprocess; (wall seconds, CPU seconds of the subprocess and its workers).
+    CPU seconds are the fairer cost on a shared machine, where wall-clock depends on the neighbours."""
     cmd = [sys.executable, "-m", "fashionseg.train", "--config", str(ROOT / "configs" / "debug.yaml"),
            "--shards", str(shards), "--out", str(run), f"train.max_steps={steps}", f"train.seed={seed}",
            f"train.warmup_iters={args.warmup}", f"train.checkpoint_every={10**6}", "eval.every_epochs=0",
@@ -83,12 +86,13 @@ def train(shards: Path, run: Path, steps: int, seed: int, replay: dict | None, a
     if replay:
         cmd += ["hard_mining.enabled=true"] + [f"hard_mining.{k}={v}" for k, v in replay.items()]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(ROOT))
-    t0 = time.perf_counter()
+    t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - t0
+    seconds, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
     if proc.returncode != 0:
         raise SystemExit(f"training failed ({' '.join(cmd)}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    return seconds
+    return seconds, cpu
 
 
 def evaluate(run: Path, shards: Path, hard: list[int], args) -> dict:
@@ -155,24 +159,25 @@ def main() -> int:
     for seed in args.seeds:
         for arm, (steps, rep) in arms.items():
             run = args.work / f"run_{arm.replace('@', '_')}_s{seed}_{time.time_ns()}"
-            seconds = train(shards, run, steps, seed, rep, args)
+            seconds, cpu = train(shards, run, steps, seed, rep, args)
             r = evaluate(run, shards, hard, args)
             rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
             last = [x for x in rows if "step" in x and "loss" in x][-1]
-            r.update(seed=seed, data_steps=steps, train_seconds=seconds, final_loss=last.get("loss"),
+            r.update(seed=seed, data_steps=steps, train_seconds=seconds, train_cpu_seconds=cpu, final_loss=last.get("loss"),
                      replays=last.get("hard_mining/replays", 0))
             results[arm].append(r)
-            print(f"seed {seed} {arm:13s} data steps {steps:4d} replays {r['replays']:3d} train {seconds:6.1f} s  "
+            print(f"seed {seed} {arm:13s} data steps {steps:4d} replays {r['replays']:3d} train {seconds:6.1f} s wall {cpu:6.1f} s CPU  "
                   f"segm AP {100 * r['segm_AP']:5.2f}  hard {100 * r['hard_AP']:5.2f}  easy {100 * r['easy_AP']:5.2f}",
                   flush=True)
 
     print(f"\nhard mining A/B: {args.images} synthetic images at {args.size} px, debug model, seeds {args.seeds}, "
           f"every={args.every} top_k={args.top_k} loss={args.loss} max_loss={args.max_loss}; "
           f"mask AP x100, mean ± std over seeds; total {time.perf_counter() - t_all:.0f} s")
-    print(f"{'arm':13s} {'data':>5s} {'replays':>7s} {'train s':>8s}  {'segm AP':>13s}  {'segm AP50':>13s}  "
+    print(f"{'arm':13s} {'data':>5s} {'replays':>7s} {'wall s':>7s} {'CPU s':>7s}  {'segm AP':>13s}  {'segm AP50':>13s}  "
           f"{'hard-cat AP':>13s}  {'other AP':>13s}")
     for arm, rs in results.items():
-        print(f"{arm:13s} {rs[0]['data_steps']:5d} {rs[0]['replays']:7d} {statistics.fmean(r['train_seconds'] for r in rs):8.1f}  "
+        print(f"{arm:13s} {rs[0]['data_steps']:5d} {rs[0]['replays']:7d} {statistics.fmean(r['train_seconds'] for r in rs):7.1f} "
+              f"{statistics.fmean(r['train_cpu_seconds'] for r in rs):7.1f}  "
               f"{fmt([r['segm_AP'] for r in rs]):>13s}  {fmt([r['segm_AP50'] for r in rs]):>13s}  "
               f"{fmt([r['hard_AP'] for r in rs]):>13s}  {fmt([r['easy_AP'] for r in rs]):>13s}")
     from fashionseg.io import atomic_write_json

@@ -5,12 +5,16 @@
 (c) the decode-only limit: JPEG decode + pycocotools RLE decode of every mask, bytes already in memory.
 Also the JPEG decoder choice (PIL vs torchvision.io.decode_jpeg).
 
-    .venv/bin/python bench/loader.py [--images 192] [--size 1024] [--min-size 800] [--workers 1]
+    .venv/bin/python bench/loader.py [--images 192] [--size 1024] [--min-size 800] [--workers 0]
 
 Data: `shard synth` images (height --size, width the same or 3/4), built into shards without resize.
-"Per worker process": (a) and (b) run through a torch DataLoader with --workers worker processes
-(0 = in the calling process) and their total rate is divided by max(1, workers); (c) runs in one
-process. The last line is `loader_vs_peer=X.XX loader_vs_decode_limit=0.YY`.
+"Per worker process": with --workers 0 (default) every pipeline runs whole in one process, the
+fair comparison with (c). With --workers W > 0, (a) and (b) run W DataLoader worker processes and
+their total rate is divided by W; the loader's consuming process then also does a little work
+(painting masks, uint8 -> float32, ~1 ms per 1-Mpx image) that this figure does not charge to the
+workers. Pipelines are timed interleaved (median of --repeats) so that load from other processes
+hits all alike; (a) and (b) are timed from their first batch (worker start-up left out). The
+last line is `loader_vs_peer=X.XX loader_vs_decode_limit=0.YY`.
 """
 from __future__ import annotations
 
@@ -58,14 +62,26 @@ def build_data(tmp: Path, images: int, size: int) -> tuple[Path, Path, Path, lis
     return shards, loose, ann, raw
 
 
+def steady(loader) -> tuple[int, float]:
+    """(images, seconds) from the first batch to the end of an epoch: worker start-up, paid once
+    per epoch by both DataLoaders, is left out (it is noise next to a real 45k-image epoch)."""
+    it = iter(loader)
+    next(it)
+    t0 = time.perf_counter()
+    n = sum(len(images) for images, _ in it)
+    return n, time.perf_counter() - t0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=192)
     p.add_argument("--size", type=int, default=1024, help="synthetic image height (default 1024)")
     p.add_argument("--min-size", type=int, default=800, help="train shorter side (default 800)")
     p.add_argument("--max-size", type=int, default=1333)
-    p.add_argument("--workers", type=int, default=1, help="DataLoader worker processes for (a) and (b) (default 1)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes for (a) and (b) (default 0: in-process)")
     p.add_argument("--repeats", type=int, default=3, help="timed passes of each pipeline, interleaved (median)")
+    p.add_argument("--no-tune-malloc", action="store_true",
+                   help="leave glibc's malloc defaults (the loader then does not tune them either)")
     args = p.parse_args()
     torch.set_num_threads(1)
 
@@ -76,7 +92,14 @@ def main() -> int:
     from torchvision.io import decode_jpeg
     from torchvision.transforms import v2
 
-    from fashionseg.data.loader import LoaderConfig, build_loader
+    import torchvision.transforms.v2.functional as F
+
+    from fashionseg.data.loader import LoaderConfig, build_loader, tune_malloc
+    from fashionseg.data.transforms import output_size
+
+    # the loader tunes malloc in its processes (LoaderConfig.tune_malloc); do it for the whole
+    # bench process so that every pipeline, the peer's included, gets the same allocator
+    tuned = False if args.no_tune_malloc else tune_malloc()
 
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
         tmp = Path(tmp)
@@ -87,7 +110,8 @@ def main() -> int:
         mean_px = np.mean([m["height"] * m["width"] for _, _, m in raw])
         mean_kb = np.mean([len(j) for _, j, _ in raw]) / 1024
         print(f"{n} images, {n_inst / n:.1f} instances/image, {mean_px / 1e6:.2f} Mpx, {mean_kb:.0f} KiB/jpg; "
-              f"resize shorter side {args.min_size} (max {args.max_size}); workers {args.workers}; torch threads 1")
+              f"resize shorter side {args.min_size} (max {args.max_size}); workers {args.workers}; torch threads 1; "
+              f"malloc tuned for all pipelines: {tuned}")
         per = max(1, args.workers)
 
         # JPEG decoder choice
@@ -104,6 +128,18 @@ def main() -> int:
                 decode_jpeg(t)
             return n
 
+        def pil_resize():
+            for j, (_, _, m) in zip(jpgs, raw):
+                oh, ow = output_size(m["height"], m["width"], args.min_size, args.max_size)
+                Image.open(io.BytesIO(j)).convert("RGB").resize((ow, oh), Image.BILINEAR)
+            return n
+
+        def tv_resize():
+            for t, (_, _, m) in zip(tensors, raw):
+                oh, ow = output_size(m["height"], m["width"], args.min_size, args.max_size)
+                F.resize(decode_jpeg(t), [oh, ow], antialias=True)
+            return n
+
         # (c) decode-only limit: JPEG (the faster decoder) + every mask decoded by pycocotools
         rles = [[{"size": i["segmentation"]["size"], "counts": i["segmentation"]["counts"].encode()} for i in m["instances"]]
                 for _, _, m in raw]
@@ -118,9 +154,9 @@ def main() -> int:
         # (a) this loader
         def loader_pass(jitter: float):
             cfg = LoaderConfig(batch_size=2, workers=args.workers, min_size=[args.min_size], max_size=args.max_size,
-                               hflip=0.5, color_jitter=jitter, group_aspect_ratio=True)
+                               hflip=0.5, color_jitter=jitter, group_aspect_ratio=True, tune_malloc=tuned)
             ld = build_loader(cfg, shards, "train", rank=0, world_size=1, seed=0, train=True)
-            return lambda: sum(len(i) for i, _ in ld)
+            return lambda: steady(ld)
 
         # (b) the peer
         tf = v2.Compose([v2.ToImage(), v2.RandomHorizontalFlip(0.5), v2.Resize(args.min_size, max_size=args.max_size),
@@ -129,21 +165,23 @@ def main() -> int:
                                             target_keys={"boxes", "labels", "masks", "image_id"})
         peer = DataLoader(ds, batch_size=2, num_workers=args.workers, collate_fn=lambda b: tuple(zip(*b)), shuffle=True)
 
-        pipelines = {"pil": pil, "tv": tv, "limit": limit, "loader": loader_pass(0.0), "loader_jitter": loader_pass(0.4),
-                     "peer": lambda: sum(len(i) for i, _ in peer)}
+        pipelines = {"pil": pil, "tv": tv, "pil_resize": pil_resize, "tv_resize": tv_resize, "limit": limit,
+                     "loader": loader_pass(0.0), "loader_jitter": loader_pass(0.4), "peer": lambda: steady(peer)}
         times: dict[str, list[float]] = {k: [] for k in pipelines}
         for rep in range(args.repeats + 1):  # interleaved, so that load from other processes hits all alike
             for name, fn in pipelines.items():
                 t0 = time.perf_counter()
-                count = fn()
+                out = fn()
+                count, seconds = out if isinstance(out, tuple) else (out, time.perf_counter() - t0)
                 if rep:  # the first round warms up
-                    times[name].append(count / (time.perf_counter() - t0))
+                    times[name].append(count / seconds)
         r = {k: statistics.median(v) for k, v in times.items()}
         for k in ("loader", "loader_jitter", "peer"):
             r[k] /= per
-        r_pil, r_tv, r_limit, r_loader, r_loader_jit, r_peer = (r[k] for k in pipelines)
+        r_pil, r_tv, r_pil_rs, r_tv_rs, r_limit, r_loader, r_loader_jit, r_peer = (r[k] for k in pipelines)
 
         rows = [("JPEG decode: PIL", r_pil), ("JPEG decode: torchvision.io.decode_jpeg", r_tv),
+                ("JPEG decode + resize: PIL", r_pil_rs), ("JPEG decode + resize: torchvision", r_tv_rs),
                 ("(c) decode-only limit (JPEG + RLE decode)", r_limit),
                 ("(a) fashionseg loader (resize, flip)", r_loader),
                 ("(a') fashionseg loader (resize, flip, jitter 0.4)", r_loader_jit),

@@ -148,8 +148,10 @@ def _tname(node: Node) -> str:
     if isinstance(node, MappingNode):
         return "a mapping"
     if isinstance(node, SequenceNode):
-        return "a list"
+        return "a list" if node.value else "an empty list"
     v = _scalar(node)
+    if isinstance(v, _Unreadable):
+        return f"a value tagged {node.tag} (YAML tags are not allowed)"
     return "null" if v is None else f"{v!r} ({type(v).__name__})"
 
 
@@ -279,6 +281,9 @@ def _gpus(node: Node, where: str, p: _Problems) -> tuple[int, ...] | None:
 
 def _host(node: Node, index: int, defaults: dict[str, Any], p: _Problems) -> Host | None:
     where = f"hosts[{index}]"
+    if not isinstance(node, MappingNode):
+        p.add(node, where, f"expected a mapping (name, address, gpus, ...), got {_tname(node)}")
+        return None
     keys = _mapping(node, where, HOST_KEYS, p)
     n_before = len(p.items)
     vals: dict[str, Any] = {}
@@ -344,6 +349,8 @@ def parse_hosts(text: str, path: str = "hosts.yaml") -> HostsFile:
         ctx, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
         if ctx and cmark is not None:
             msg += f" ({ctx} started on line {cmark.line + 1})"
+        if "'\\t'" in msg:
+            msg += "; YAML does not allow tabs here: indent with spaces"
         raise HostsError(msg) from None
     if root is None:
         raise HostsError(f"{path}: empty file (expected a mapping with a 'hosts:' list)")

@@ -15,7 +15,6 @@ import argparse
 import hashlib
 import io
 import json
-import random
 from pathlib import Path
 
 import torch
@@ -129,5 +128,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    random.seed(0)
     raise SystemExit(main())

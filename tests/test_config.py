@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
-@pytest.mark.parametrize("path", [p for p in CONFIGS if p.name != "deepspeed_zero2.yaml"], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_load(path):
     cfg = config_lib.load(path)
     for key in ("batch_size", "max_steps", "checkpoint_every", "seed", "lr"):

@@ -170,3 +170,18 @@ def test_threshold_search_finds_the_right_postprocessing():
     fp = search(gt, cache, VOCAB, metric="iou_f1", scores=(0.05,), nms_values=(0.5,), mask_values=(0.5,), max_dets=100,
                 progress=False)
     assert fp[0]["value"] == pytest.approx(1.0)
+
+
+def test_shard_ground_truth_fed_back_scores_one(synth_shards):
+    """GT read from real shards (FORMATS.md section 3) as predictions: 1.0 for bbox, segm and
+    AP^{IoU+F1}; dropping every attribute keeps COCO AP at 1.0 but not AP^{IoU+F1}."""
+    from fashionseg.eval.evaluate import score_results
+
+    gt = coco_lib.gt_from_shards(synth_shards, "val")
+    assert len(gt["images"]) == 6 and gt["annotations"]
+    m = score_results(gt, coco_lib.results_from_gt(gt))
+    assert (m["bbox"]["AP"], m["segm"]["AP"], m["iou_f1"]["AP"]) == (pytest.approx(1.0),) * 3
+    stripped = [{**r, "attribute_ids": []} for r in coco_lib.results_from_gt(gt)]
+    m = score_results(gt, stripped)
+    assert m["segm"]["AP"] == pytest.approx(1.0)
+    assert m["iou_f1"]["AP"] < 1.0

@@ -7,6 +7,8 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fashionseg.data import rle
 from fashionseg.data.loader import LoaderConfig, LoaderStateError, build_loader
@@ -204,3 +206,24 @@ def test_subset_and_rfs(synth_shards):
         rfs.set_epoch(e)
         lens.add(len(rfs))
     assert len(lens) == 1, "steps per epoch do not change with repeat-factor sampling"
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(world=st.integers(1, 4), workers=st.integers(0, 3), bs=st.lists(st.integers(1, 3), min_size=4, max_size=4),
+       chunk=st.integers(1, 5), mix=st.integers(1, 3), group=st.booleans(), seed=st.integers(0, 99), data=st.data())
+def test_reading_from_any_step_gives_the_planned_samples(synth_shards, world, workers, bs, chunk, mix, group, seed, data):
+    """What a worker reads from local batch k on (a resume) is exactly the plan's samples, for any layout."""
+    from fashionseg.data.loader import iter_raw_batches
+    from fashionseg.data.plan import PlanConfig, build_plan
+    from fashionseg.data.shards.reader import read_manifest
+
+    split = read_manifest(synth_shards)["splits"]["train"]
+    bs = bs[:world]
+    if sum(bs) > split["num_samples"]:
+        return
+    plan = build_plan(split, seed=seed, epoch=1, batch_sizes=bs, workers=workers, train=True,
+                      cfg=PlanConfig(chunk_size=chunk, mix_chunks=mix, group_aspect_ratio=group))
+    for c in plan.consumers.values():
+        k = data.draw(st.integers(0, len(c.batches)))
+        got = [[key for _, (key, _, _) in b] for b in iter_raw_batches(synth_shards, plan, c.batches[k:])]
+        assert got == [[plan.pool.keys[plan.stream_pool[p]] for p in b] for b in c.batches[k:]]

@@ -253,6 +253,11 @@ def test_load_weights_errors(weights, tmp_path):
     bad.write_text("not torch")
     with pytest.raises(inf.WeightsError, match="cannot read as a torch weights file"):
         inf.load_weights(bad)
+    # trained from pretrained weights (FrozenBatchNorm2d: no num_batches_tracked) still loads
+    frozen_bn = {k: v for k, v in ckpt["model"].items() if not k.endswith("num_batches_tracked")}
+    torch.save({**ckpt, "model": frozen_bn}, bad)
+    model, _, _ = inf.load_weights(bad)
+    assert torch.equal(model.state_dict()["roi_heads.box_predictor.cls_score.weight"], ckpt["model"]["roi_heads.box_predictor.cls_score.weight"])
     torch.save({**ckpt, "categories": ckpt["categories"][:-1]}, bad)
     with pytest.raises(inf.WeightsError, match="do not fit"):
         inf.load_weights(bad)

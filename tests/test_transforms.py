@@ -218,3 +218,32 @@ def test_bad_sample_names_the_key():
     meta3 = dict(meta, instances=[dict(meta["instances"][0], category_id=999)])
     with pytest.raises(SampleError, match="category id 999"):
         t("k", jpg, meta3, epoch=0, image_id=0)
+
+
+def test_large_shrink_decodes_at_reduced_scale():
+    """A 2x+ shrink decodes the JPEG at 1/2..1/8 scale (PIL draft): the image stays close to a full
+    decode + resize, the masks are exactly the same as always."""
+    from torchvision.io import decode_image
+
+    vocab = Vocab.default()
+    h, w = 400, 300
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) * 255 // (h + w)], -1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=95)
+    mask = np.zeros((h, w), np.uint8)
+    mask[50:300, 40:200] = 1
+    meta = {"height": h, "width": w, "instances": [{"category_id": 1, "attribute_ids": [], "segmentation": rle.encode_coco(mask)}]}
+    t = SampleTransform(vocab, min_size=[60], max_size=1000, hflip=0.0, train=True)
+    out, tgt = t("big", buf.getvalue(), meta, epoch=0, image_id=0)
+    assert out.shape == (3, 80, 60)
+    full = TF.resize(decode_image(torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)), [80, 60], antialias=True)
+    assert (out - full.float() / 255).abs().mean() < 2 / 255
+    assert torch.equal(tgt["masks"][0], torch.from_numpy(reference(mask, 80, 60, False).copy()))
+    # PNG bytes behind the name: no reduced decode, the full decoder handles them
+    png = io.BytesIO()
+    Image.fromarray(img).save(png, format="PNG")
+    out_png, _ = t("png", png.getvalue(), meta, epoch=0, image_id=0)
+    assert out_png.shape == (3, 80, 60)
+    with pytest.raises(Exception, match="json says 299x400"):
+        t("big", buf.getvalue(), dict(meta, width=299), epoch=0, image_id=0)

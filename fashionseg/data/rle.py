@@ -32,12 +32,16 @@ def parse_kaggle(encoded: str, height: int, width: int) -> tuple[np.ndarray, boo
         runs = np.asarray(parts, dtype=np.int64).reshape(-1, 2)
     except ValueError as e:
         raise RLEError(f"non-integer value in EncodedPixels ({e})") from None
+    except OverflowError:
+        raise RLEError("a value in EncodedPixels is too large for any image") from None
     starts, lengths = runs[:, 0] - 1, runs[:, 1]
     if (lengths <= 0).any():
         raise RLEError("a run has length <= 0")
     if (starts < 0).any():
         raise RLEError("a run starts before pixel 1")
     total = height * width
+    if (starts >= total).any() or (lengths > total).any():  # checked first: start + length could wrap int64
+        raise RLEError(f"a run leaves the {height}x{width} grid (a start or length exceeds {total} pixels)")
     if (starts + lengths > total).any():
         raise RLEError(f"a run leaves the {height}x{width} grid (last pixel {int((starts + lengths).max())} > {total})")
     order = np.argsort(starts, kind="stable")

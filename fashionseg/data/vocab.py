@@ -7,6 +7,7 @@ they come from the file a dataset ships or from a shard manifest.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -26,11 +27,15 @@ class Vocab:
 
     def __post_init__(self) -> None:
         for kind, items in (("categories", self.categories), ("attributes", self.attributes)):
+            if any(not isinstance(it, dict) for it in items):
+                raise VocabError(f"every entry of '{kind}' must be an object with an 'id'")
             ids = [it.get("id") for it in items]
-            if any(not isinstance(i, int) for i in ids):
-                raise VocabError(f"every entry of '{kind}' needs an integer 'id'")
-            if len(set(ids)) != len(ids):
-                raise VocabError(f"duplicate ids in '{kind}'")
+            bad = [i for i, v in enumerate(ids) if not isinstance(v, int) or isinstance(v, bool)]
+            if bad:
+                raise VocabError(f"{kind}[{bad[0]}] needs an integer 'id' (has {ids[bad[0]]!r})")
+            dup = sorted(k for k, n in Counter(ids).items() if n > 1)
+            if dup:
+                raise VocabError(f"duplicate ids in '{kind}': {', '.join(map(str, dup[:10]))}")
         object.__setattr__(self, "_cat_index", {c["id"]: i + 1 for i, c in enumerate(self.categories)})
         object.__setattr__(self, "_attr_index", {a["id"]: i for i, a in enumerate(self.attributes)})
 
@@ -39,7 +44,12 @@ class Vocab:
     def from_dict(cls, d: dict[str, Any], source: str = "<dict>") -> "Vocab":
         if not isinstance(d, dict) or not isinstance(d.get("categories"), list) or not d["categories"]:
             raise VocabError(f"{source}: no 'categories' list: this is not a label vocabulary")
-        return cls(list(d["categories"]), list(d.get("attributes") or []))
+        if not isinstance(d.get("attributes") or [], list):
+            raise VocabError(f"{source}: 'attributes' is not a list")
+        try:
+            return cls(list(d["categories"]), list(d.get("attributes") or []))
+        except VocabError as e:
+            raise VocabError(f"{source}: {e}") from None
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Vocab":

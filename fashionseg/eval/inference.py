@@ -135,21 +135,21 @@ def decode_image(data: bytes | str | os.PathLike, name: str = "") -> torch.Tenso
 
 
 # -- outputs -> results -------------------------------------------------------------------------
-def _to_grid(output: dict, out_size: tuple[int, int] | None, chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+def _to_grid(output: dict, mask_thresh: float, out_size: tuple[int, int] | None,
+             chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """(boxes, binary masks uint8 [N, H, W]) on `out_size`, resizing probabilities first."""
     probs, boxes = output["masks"], output["boxes"].float()
     n, _, h, w = probs.shape if probs.dim() == 4 else (0, 1, 0, 0)
     H, W = out_size if out_size is not None else (h, w)
-    thresh = float(output.get("_mask_thresh", 0.5))
     if n == 0:
         return boxes.reshape(0, 4), torch.zeros((0, H, W), dtype=torch.uint8)
     if (H, W) == (h, w):
-        return boxes, (probs[:, 0] > thresh).to(torch.uint8)
+        return boxes, (probs[:, 0] > mask_thresh).to(torch.uint8)
     scale = boxes.new_tensor([W / w, H / h, W / w, H / h])
     out = torch.empty((n, H, W), dtype=torch.uint8)
     for i in range(0, n, chunk):
         p = F.interpolate(probs[i : i + chunk].float(), size=(H, W), mode="bilinear", align_corners=False)
-        out[i : i + chunk] = (p[:, 0] > thresh).to(torch.uint8).cpu()
+        out[i : i + chunk] = (p[:, 0] > mask_thresh).to(torch.uint8).cpu()
     return boxes * scale, out
 
 
@@ -168,8 +168,7 @@ def outputs_to_results(output: dict, image_id: int, vocab: Vocab, *, mask_thresh
     `attribute_ids` are the attributes with sigmoid score >= attr_thresh, highest first, with
     their scores in `attribute_scores`; masks and boxes are on `out_size` (default: as given)."""
     output = {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in output.items()}
-    output["_mask_thresh"] = mask_thresh
-    boxes, masks = _to_grid(output, out_size)
+    boxes, masks = _to_grid(output, mask_thresh, out_size)
     rles = encode_masks(masks.numpy())
     labels = output["labels"].tolist()
     scores = output["scores"].float().tolist()

@@ -90,6 +90,13 @@ class AttributeRoIHeads(RoIHeads):
         if self.training:
             if targets is None or not all("attributes" in t for t in targets):
                 raise ValueError("training targets need an 'attributes' entry: float multi-hot [N, num_attributes]")
+            num_attributes = self.attribute_head.logits.out_features
+            for i, t in enumerate(targets):
+                want = (len(t["boxes"]), num_attributes)
+                if tuple(t["attributes"].shape) != want:
+                    raise ValueError(f"targets[{i}]['attributes'] has shape {list(t['attributes'].shape)}, expected "
+                                     f"[{want[0]} boxes, {want[1]} attributes]: build the model from the same "
+                                     "vocabulary (shard manifest) the loader reads")
         self._sampled = None
         result, losses = super().forward(features, proposals, image_shapes, targets)
         if self.training:

@@ -101,6 +101,15 @@ class ModelConfig:
 
         if isinstance(self.pretrained, str) and self.pretrained.strip().lower() in ("", "none", "null"):
             self.pretrained = None
+        for name in _INT_FIELDS:  # YAML strings or floats here would fail later, obscurely
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise bad(name, "must be an integer")
+        for name in _FLOAT_FIELDS:
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                raise bad(name, "must be a number")
+            setattr(self, name, float(v))
         if self.backbone not in BACKBONES:
             raise bad("backbone", f"must be one of {', '.join(BACKBONES)}")
         if self.pretrained_kind not in PRETRAINED_KINDS:
@@ -110,23 +119,50 @@ class ModelConfig:
         max_layers = _MAX_TRAINABLE.get(self.backbone, 5)
         if not 0 <= self.trainable_backbone_layers <= max_layers:
             raise bad("trainable_backbone_layers", f"must be in 0..{max_layers} for {self.backbone}")
+        def positive_ints(name: str, values) -> tuple[int, ...]:
+            if not isinstance(values, (list, tuple)) or not values or any(
+                    not isinstance(v, int) or isinstance(v, bool) or v <= 0 for v in values):
+                raise bad(name, "must be a positive integer or a non-empty list of them")
+            return tuple(values)
+
         if isinstance(self.min_size, (list, tuple)):
-            self.min_size = tuple(int(s) for s in self.min_size)
-        self.anchor_sizes = tuple(int(s) for s in self.anchor_sizes)
+            self.min_size = positive_ints("min_size", self.min_size)
+        else:
+            positive_ints("min_size", [self.min_size])
+        self.anchor_sizes = positive_ints("anchor_sizes", self.anchor_sizes)
+        if not isinstance(self.aspect_ratios, (list, tuple)) or not self.aspect_ratios or any(
+                not isinstance(r, (int, float)) or isinstance(r, bool) or not r > 0 for r in self.aspect_ratios):
+            raise bad("aspect_ratios", "must be a non-empty list of positive numbers")
         self.aspect_ratios = tuple(float(r) for r in self.aspect_ratios)
         if self.backbone != "mobilenet_v3_large_fpn" and len(self.anchor_sizes) != 5:
             raise bad("anchor_sizes", f"{self.backbone} has 5 FPN levels: give one anchor size per level")
+        if not isinstance(self.loss_weights, dict):
+            raise bad("loss_weights", "must be a mapping of loss name to weight")
         unknown = set(self.loss_weights) - set(LOSS_NAMES)
         if unknown:
             raise bad("loss_weights", f"unknown loss names {sorted(unknown)}; known: {', '.join(LOSS_NAMES)}")
+        for k, v in self.loss_weights.items():
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0:
+                raise bad("loss_weights", f"weight of {k} must be a number >= 0")
         self.loss_weights = {k: float(self.loss_weights.get(k, 1.0)) for k in LOSS_NAMES}
-        for name in ("freeze_backbone_steps", "rpn_batch_size_per_image", "box_batch_size_per_image",
-                     "detections_per_img", "mask_head_hidden", "attribute_hidden"):
+        for name in ("freeze_backbone_steps", "attribute_hidden"):
             if getattr(self, name) < 0:
                 raise bad(name, "must be >= 0")
+        for name in ("max_size", "mask_head_hidden", "rpn_batch_size_per_image", "box_batch_size_per_image", "detections_per_img",
+                     "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test"):
+            if getattr(self, name) < 1:
+                raise bad(name, "must be >= 1")
+        if self.focal_gamma < 0:
+            raise bad("focal_gamma", "must be >= 0")
         for name in ("score_thresh", "nms_thresh", "mask_thresh"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise bad(name, "must be in [0, 1]")
+
+
+_INT_FIELDS = ("trainable_backbone_layers", "freeze_backbone_steps", "max_size", "mask_head_hidden", "rpn_batch_size_per_image",
+               "box_batch_size_per_image", "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "rpn_pre_nms_top_n_test",
+               "rpn_post_nms_top_n_test", "attribute_hidden", "detections_per_img")
+_FLOAT_FIELDS = ("focal_gamma", "focal_alpha", "score_thresh", "nms_thresh", "mask_thresh")
 
 
 class FashionMaskRCNN(GeneralizedRCNN):
@@ -199,6 +235,9 @@ def _build_backbone_parts(cfg: ModelConfig, pretrained: bool):
 
 def build_model(cfg: ModelConfig, num_classes: int, num_attributes: int) -> FashionMaskRCNN:
     """Mask R-CNN + attribute head sized from the dataset vocabulary; loads cfg.pretrained if set."""
+    for name, v in (("num_classes", num_classes), ("num_attributes", num_attributes)):
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ValueError(f"{name} must be an integer (from the dataset vocabulary), got {v!r}")
     if num_classes < 2:
         raise ValueError(f"num_classes counts background: need >= 2, got {num_classes}")
     if num_attributes < 0:

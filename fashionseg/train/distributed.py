@@ -112,7 +112,12 @@ def build_accelerator(cfg: TrainConfig, log_with: list[str], project_dir: str, p
             gradient_accumulation_steps=cfg.accumulate_steps,
             gradient_clipping=cfg.clip_grad_norm if cfg.clip_grad_norm else 0.0,
         )
-    handlers = [DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)]
+    handlers: list = [DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)]
+    if plugin is not None and not torch.cuda.is_available():
+        # DeepSpeed on CPU: accelerate has no backend for it (its CPU path disables DeepSpeed) and
+        # DeepSpeed's CPU default is oneCCL, not installed here; gloo works for ZeRO-1/2's collectives
+        from accelerate.utils import InitProcessGroupKwargs
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
     return Accelerator(
         # `--multi_gpu`/torchrun without a GPU: DDP over gloo, one process per rank (accelerate disables
         # DeepSpeed when cpu=True, so DeepSpeed runs go through its own CPU accelerator)

@@ -52,9 +52,13 @@ def run(args: argparse.Namespace) -> int:
     opts = RunOptions(config=cfg, run_dir=run_dir, shards=cfg.shards, resume=args.resume, debug=args.debug,
                       overfit_batches=args.overfit_batches, detect_anomaly=args.detect_anomaly,
                       argv=list(sys.argv))
+    from fashionseg.data.loader import LoaderStateError
+    from fashionseg.data.plan import PlanError
+    from fashionseg.data.shards.manifest import ManifestError
+    from fashionseg.model.gpu import GPUCompatibilityError
     try:
         return train(opts)
-    except (TrainingError, config_lib.ConfigError) as e:
+    except (TrainingError, config_lib.ConfigError, GPUCompatibilityError, LoaderStateError, PlanError, ManifestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
@@ -67,4 +71,4 @@ def _cuda_available() -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fashionseg train", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return run(parser.parse_intermixed_args(argv))  # options may follow key=value overrides

@@ -128,7 +128,7 @@ class HardMiner:
         self._stats: dict[str, Any] = {
             "observed": 0, "skipped_above_max": 0, "skipped_nonfinite": 0,
             "replays": 0, "fallback_replays": 0,
-            "last_replay_step": None, "last_loss_before": None, "last_loss_after": None,
+            "last_replay_step": None, "last_mined_loss": None, "last_loss_before": None, "last_loss_after": None,
             "mean_loss_drop": None, "_sum_drop": 0.0, "_n_drop": 0,
         }
 
@@ -215,12 +215,14 @@ class HardMiner:
             fallback = True
             self._stats["fallback_replays"] += 1
         self._stats["last_replay_step"] = self._recent.step
+        self._stats["last_mined_loss"] = b.loss
         return Replay(list(b.keys), b.epoch, b.loss, b.step,
                       None if b.encoded is None else list(b.encoded), fallback)
 
     def record_replay(self, loss_before: float | Mapping[str, Any], loss_after: float | Mapping[str, Any] | None = None) -> None:
         """Log the replayed batch's loss in the replay step's forward (before its update) and, when
-        the loop measured it, after the update. Loss dicts are scored like observe()'s."""
+        the loop measured it, after the update. Loss dicts are scored like observe()'s. (The loss
+        it had when it was mined is `Replay.loss`, logged as `last_mined_loss`.)"""
         before = self.score(loss_before) if isinstance(loss_before, Mapping) else float(loss_before)
         after = None
         if loss_after is not None:

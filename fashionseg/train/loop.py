@@ -180,6 +180,9 @@ class Trainer:
         if opts.debug and self.world > 1:
             raise TrainingError("--debug runs in one process: launch it without accelerate/torchrun")
         self.log = print if acc.is_main_process else (lambda *a, **k: None)
+        if opts.debug:
+            self.log(f"debug: one process, deterministic algorithms, data.subset={getattr(cfg.data, 'subset', None) or DEBUG_SUBSET}"
+                     f", a log line every step{', anomaly detection' if opts.detect_anomaly else ''}")
         if self.precision.note:
             self.log(self.precision.note)
         for m in missing:
@@ -212,7 +215,6 @@ class Trainer:
 
         torch.manual_seed(t.seed)  # identical initial weights on every rank (DDP also broadcasts them)
         self.model = build_model(cfg.model, self.vocab.num_classes, self.vocab.num_attributes)
-        apply_freeze_schedule(self.model, 0)
         self.optimizer = build_optimizer(t, trainable_parameters(self.model), self.lr)
         self.scheduler = build_scheduler(t, self.optimizer, self.max_steps, self.warmup_iters)
         from fashionseg.train.hard_mining import build_hard_miner
@@ -220,8 +222,14 @@ class Trainer:
 
         if t.backend == "deepspeed":
             ds = acc.state.deepspeed_plugin.deepspeed_config
+            # DeepSpeed insists on one micro-batch size; it only does bookkeeping with it (the loader
+            # sizes the batches), so each rank states its own and the global product it implies
             ds["train_micro_batch_size_per_gpu"] = self.local_batch
+            ds["train_batch_size"] = self.local_batch * t.accumulate_steps * self.world
         self.model, self.optimizer = acc.prepare(self.model, self.optimizer)
+        # freeze only after DDP has registered every parameter that will ever train (it wraps with
+        # find_unused_parameters=True while a freeze schedule is active)
+        apply_freeze_schedule(self.model, 0)
         self.model.train()
         # per-rank randomness (RPN / RoI sampling) differs between ranks, reproducibly
         torch.manual_seed(t.seed * 1000 + 17 + self.rank)
@@ -516,7 +524,8 @@ class Trainer:
                 if i == self.steps_per_epoch:
                     epoch_done = True
                 if stop or (self.step % t.checkpoint_every == 0) or epoch_done:
-                    if fixed is None and self.step != last_ckpt:
+                    # never during a run of non-finite losses: the latest checkpoint stays a good one
+                    if fixed is None and self.step != last_ckpt and (self.consecutive_nonfinite == 0 or stop):
                         self.save_checkpoint()
                         last_ckpt = self.step
                 if stop:

@@ -39,9 +39,10 @@ from fashionseg.data.sources.records import (
 )
 from fashionseg.io import atomic_open, atomic_write_json
 
-BUILDER_VERSION = 1  # bump when the bytes a shard holds change for the same input
+BUILDER_VERSION = 2  # bump when the bytes a shard holds change for the same input (2: 16-bit/float images scaled)
 JPEG_QUALITY = 95  # used only when an image must be re-encoded (resize, repair)
 SIDECAR_DIR = ".build"
+POLYGON_MARGIN = 8  # polygon coordinates beyond this many image sizes are corrupt, not annotations
 EXIT_FATAL, EXIT_TOO_BAD = 2, 1
 
 
@@ -74,10 +75,17 @@ def _decode_mask(inst: RawInstance, h: int, w: int) -> tuple[dict | None, str | 
     seg = inst.segmentation
     try:
         if isinstance(seg, list):
-            polys = [p for p in seg if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
+            polys = [[float(v) for v in p] for p in seg if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
             if not polys:
                 return None, "no polygon with >= 3 points", False
-            r = mask_util.merge(mask_util.frPyObjects([[float(v) for v in p] for p in polys], h, w))
+            # pycocotools' rasteriser segfaults on NaN/inf and runs out of memory on huge
+            # coordinates (it walks every edge pixel by pixel): refuse those before calling it
+            if not all(np.isfinite(p).all() for p in polys):
+                return None, "polygon has a NaN or infinite coordinate", False
+            limit = POLYGON_MARGIN * max(h, w)
+            if any(np.abs(p).max() > limit for p in polys):
+                return None, f"polygon coordinate beyond +-{limit} for a {h}x{w} image", False
+            r = mask_util.merge(mask_util.frPyObjects(polys, h, w))
             return {"size": [h, w], "counts": r["counts"].decode("ascii")}, None, len(polys) != len(seg)
         if isinstance(seg, dict) and "counts" in seg and "size" in seg:
             sh, sw = (int(v) for v in seg["size"])
@@ -95,6 +103,23 @@ def _decode_mask(inst: RawInstance, h: int, w: int) -> tuple[dict | None, str | 
     except (ValueError, TypeError, OverflowError) as e:
         return None, f"unreadable segmentation ({e})", False
     return None, f"unsupported segmentation of type {type(seg).__name__}", False
+
+
+def _to_rgb(pil: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB. PIL's own convert clips 16/32-bit and float greyscale to 0..255 (a 16-bit
+    PNG turns white, a 0..1 float image black), so those are scaled to 8 bits first."""
+    if pil.mode == "RGB":
+        return pil
+    if pil.mode.startswith("I;16") or pil.mode in ("I", "F"):
+        a = np.asarray(pil).astype(np.float64)
+        if pil.mode.startswith("I;16"):
+            a = a / 257.0
+        elif pil.mode == "F" and a.size and a.max() <= 1.0:
+            a = a * 255.0
+        elif pil.mode == "I" and a.size and a.max() > 255:
+            a = a / (257.0 if a.max() <= 65535 else a.max() / 255.0)
+        pil = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+    return pil.convert("RGB")
 
 
 def _resize_mask(coco: dict, size: tuple[int, int]) -> dict:
@@ -134,7 +159,9 @@ def process_image(key: str, img: RawImage, max_size: int | None) -> dict:
 
     reencode = False
     if fmt != "JPEG":
-        problems.append(problem(REPAIRED, f"{fmt} bytes behind a {Path(img.path).suffix} name: re-encoded as JPEG", img.image_id, img.path, bad=False))
+        suffix = Path(img.path).suffix
+        what = f"{fmt} bytes behind a {suffix} name" if suffix.lower() in (".jpg", ".jpeg") else f"{fmt} image"
+        problems.append(problem(REPAIRED, f"{what}: re-encoded as JPEG", img.image_id, img.path, bad=False))
         reencode = True
     if pil.mode != "RGB":
         problems.append(problem(REPAIRED, f"{pil.mode} image converted to RGB", img.image_id, img.path, bad=False))
@@ -153,7 +180,7 @@ def process_image(key: str, img: RawImage, max_size: int | None) -> dict:
                 problems.append(problem(REPAIRED, f"EXIF orientation {orientation} applied so the image matches its {grid[0]}x{grid[1]} masks",
                                         img.image_id, img.path, bad=False))
                 pil, reencode = turned, True
-    pil = pil.convert("RGB") if pil.mode != "RGB" else pil
+    pil = _to_rgb(pil)
     h, w = pil.height, pil.width
 
     scale = None
@@ -477,9 +504,29 @@ def _open_pool(workers: int, n_tasks: int):
     if workers <= 1 or n_tasks <= 1:
         return None
     import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
 
+    # concurrent.futures, not multiprocessing.Pool: when a worker dies (the OOM killer, a crash in
+    # a native decoder) Pool silently replaces it and waits forever for the lost result, while
+    # the executor raises BrokenProcessPool, which ends the build with a message
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-    return ctx.Pool(min(workers, n_tasks))
+    pool = ProcessPoolExecutor(min(workers, n_tasks), mp_context=ctx)
+    pool.submit(int).result()  # with fork, the first submit starts every worker: do it before any thread runs
+    return pool
+
+
+class WorkerDied(RuntimeError):
+    """A decoding worker process ended abnormally (message says what to do)."""
+
+
+def _checked(results: Iterator[dict]) -> Iterator[dict]:
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        yield from results
+    except BrokenProcessPool as e:
+        raise WorkerDied(f"a worker process died while decoding images ({e}); usually the OS killed it for "
+                         "memory: re-run the same command with fewer --workers (finished shards are kept)") from None
 
 
 def _results(pool, todo: list[_ShardPlan], cfg: BuildConfig, workers: int) -> Iterator[dict]:
@@ -487,7 +534,7 @@ def _results(pool, todo: list[_ShardPlan], cfg: BuildConfig, workers: int) -> It
     tasks = [(key, img, cfg.max_size) for p in todo for key, img in p.items]
     if pool is None:
         return map(_work, tasks)
-    return pool.imap(_work, tasks, chunksize=max(1, min(8, len(tasks) // (workers * 8))))
+    return _checked(pool.map(_work, tasks, chunksize=max(1, min(8, len(tasks) // (workers * 8)))))
 
 
 def default_workers() -> int:
@@ -505,10 +552,21 @@ def build(cfg: BuildConfig) -> tuple[int, dict]:
         raise SourceError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
     if cfg.samples_per_shard <= 0:
         raise SourceError("--samples-per-shard must be > 0")
+    if cfg.max_size is not None and cfg.max_size < 1:
+        raise SourceError(f"--max-size must be a positive number of pixels (or left out to keep sizes), got {cfg.max_size}")
+    if cfg.workers < 0:
+        raise SourceError(f"--workers must be >= 0 (0: all cores), got {cfg.workers}")
+    if out.exists() and not out.is_dir():
+        raise SourceError(f"{out}: exists and is not a folder; pass a new or existing output folder as OUT")
     source = read_source(cfg)
     if not source.images:
-        raise SourceError(f"{source.path}: no annotated images (nothing valid to build); check the file is the full annotation set")
-    out.mkdir(parents=True, exist_ok=True)
+        first = "; ".join(f"{p.get('where', '?')}: {p['reason']}" for p in source.problems[:3])
+        why = f" ({len(source.problems)} rows rejected, e.g. {first})" if source.problems else ""
+        raise SourceError(f"{source.path}: no annotated images (nothing valid to build){why}; check the file is the full annotation set")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SourceError(f"{out}: cannot create the output folder ({e.strerror or e}); pass a writable OUT") from e
     plans = plan_shards(source, cfg)
     _clean(out, plans)
     workers = cfg.workers or default_workers()
@@ -530,10 +588,14 @@ def build(cfg: BuildConfig) -> tuple[int, dict]:
             results = _results(pool, todo, cfg, workers)
             for p in todo:
                 records[p.name] = _write_shard(out, p, results, lambda: bar.advance(task))
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+    except BaseException:
+        if pool is not None:  # Ctrl-C or a failure: stop the workers now, not after their queue
+            for proc in list(getattr(pool, "_processes", {}).values()):
+                proc.terminate()
+            pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    if pool is not None:
+        pool.shutdown(wait=True)
 
     report = _report(source, plans, records, {p.name for p in todo}, workers, n_todo, time.time() - t0)
     code = 0
@@ -577,6 +639,7 @@ def _report(source: Source, plans, records, todo_names: set[str], workers: int, 
     problems = list(source.problems)
     for p in plans:
         problems.extend(records[p.name]["problems"])
+    problems = [_normalise_problem(p) for p in problems]
     lost_bad = sum(p.get("instances", 1) for p in problems if p["bad"] and p["action"] in (DROP_INSTANCE, DROP_IMAGE))
     reasons = Counter((p["action"], _reason_kind(p["reason"])) for p in problems)
     samples = sum(records[p.name]["num_samples"] for p in plans)
@@ -597,6 +660,14 @@ def _report(source: Source, plans, records, todo_names: set[str], workers: int, 
     return {"source": str(source.path), "format": source.format, "totals": totals,
             "reasons": [{"action": a, "reason": r, "count": n} for (a, r), n in sorted(reasons.items())],
             "problems": problems}
+
+
+def _normalise_problem(p: dict) -> dict:
+    """Every report entry has the same keys (docs/design.md): {action, reason, image_id, where, bad, instances},
+    `instances` being how many source instances the entry lost (1 for a dropped instance, 0 for repairs)."""
+    lost = 1 if p["action"] == DROP_INSTANCE else 0
+    return {"action": p["action"], "reason": p["reason"], "image_id": p.get("image_id"), "where": p.get("where"),
+            "bad": p["bad"], "instances": p.get("instances", lost)}
 
 
 def _reason_kind(reason: str) -> str:
@@ -653,6 +724,13 @@ def run(args: argparse.Namespace) -> int:
         code, report = build(cfg)
     except SourceError as e:
         print(f"shard build: error: {e}", file=sys.stderr)
+        return EXIT_FATAL
+    except WorkerDied as e:
+        print(f"shard build: error: {e}", file=sys.stderr)
+        return EXIT_FATAL
+    except OSError as e:  # disk full, permissions: finished shards stay, a re-run resumes
+        print(f"shard build: error: writing {cfg.out} failed ({e}); free space or fix permissions, then re-run the same "
+              "command: finished shards are kept", file=sys.stderr)
         return EXIT_FATAL
     print_summary(report, Path(cfg.out))
     if code:

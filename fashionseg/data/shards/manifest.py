@@ -43,6 +43,9 @@ def safe_key(image_id: str) -> str:
     return key
 
 
+_SAMPLE_FIELDS = (("key", str), ("offset", int), ("width", int), ("height", int), ("categories", list))
+
+
 def _fail(path: Path, what: str) -> None:
     raise ManifestError(f"{path}: {what}; rebuild it with `shard build SRC {path.parent}`")
 
@@ -68,11 +71,20 @@ def validate(manifest: Any, path: str | Path = MANIFEST_NAME) -> dict:
             _fail(path, f"split '{split}' has no 'shards' list")
         total = 0
         for i, shard in enumerate(info["shards"]):
+            if not isinstance(shard, dict):
+                _fail(path, f"split '{split}' shard #{i} is not an object")
             for field, kind in (("name", str), ("num_samples", int), ("bytes", int), ("sha256", str), ("samples", list)):
                 if not isinstance(shard.get(field), kind):
                     _fail(path, f"split '{split}' shard #{i} lacks '{field}'")
+            if Path(shard["name"]).name != shard["name"] or shard["name"] in ("", ".", ".."):
+                _fail(path, f"split '{split}' shard #{i}: name {shard['name']!r} must be a file name inside the shard folder")
             if len(shard["samples"]) != shard["num_samples"]:
                 _fail(path, f"shard {shard['name']}: {len(shard['samples'])} samples listed, num_samples says {shard['num_samples']}")
+            for j, sample in enumerate(shard["samples"]):
+                if not isinstance(sample, dict) or any(not isinstance(sample.get(f), k) or isinstance(sample.get(f), bool)
+                                                       for f, k in _SAMPLE_FIELDS):
+                    _fail(path, f"shard {shard['name']} sample #{j} needs {', '.join(f for f, _ in _SAMPLE_FIELDS)} "
+                                f"(has {sorted(sample) if isinstance(sample, dict) else type(sample).__name__})")
             total += shard["num_samples"]
         if info.get("num_samples") != total:
             _fail(path, f"split '{split}': num_samples {info.get('num_samples')} != sum over its shards {total}")

@@ -7,7 +7,7 @@ file's own `categories` / `attributes` (Fashionpedia releases differ in size).
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from fashionseg.data.sources.records import (
     DROP_ATTRIBUTE, DROP_IMAGE, DROP_INSTANCE, RawImage, RawInstance, Source, SourceError, problem,
@@ -34,12 +34,46 @@ def looks_like(src: Path) -> bool:
 
 
 def _image_dir(json_path: Path, file_names: list[str], images_dir: str | Path | None) -> Path:
+    """Where `file_name` resolves: --images, else beside the JSON, under images/, or a sibling folder
+    (Fashionpedia unzips to train/ and val/; COCO keeps JSONs in annotations/ beside train2017/).
+
+    Raises SourceError when none of the first images listed exists in any candidate (a wrong
+    folder would otherwise drop every image one by one)."""
+    sample = [fn for fn in file_names if fn][:50]
     if images_dir:
-        return Path(images_dir)
-    for cand in (json_path.parent, json_path.parent / "images"):
-        if any((cand / fn).is_file() for fn in file_names[:50]):
-            return cand
-    return json_path.parent / "images" if (json_path.parent / "images").is_dir() else json_path.parent
+        cands = [Path(images_dir)]
+    else:
+        bases = [json_path.parent] + ([json_path.parent.parent] if json_path.parent.name == "annotations" else [])
+        cands = []
+        for base in bases:
+            cands += [base, base / "images"]
+            for sub in (base, base / "images"):
+                if sub.is_dir():
+                    cands += sorted(d for d in sub.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not sample:
+        return cands[0]
+    found = [(sum((c / fn).is_file() for fn in sample), -i, c) for i, c in enumerate(dict.fromkeys(cands))]
+    best = max(found)
+    if best[0] == 0:
+        tried = ", ".join(str(c) for _, _, c in found[:6]) + (" ..." if len(found) > 6 else "")
+        raise SourceError(f"{json_path}: none of its images (e.g. {sample[0]!r}) is under {tried} (nothing valid to build); "
+                          "pass the folder holding them with --images DIR")
+    return best[2]
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_id(v) -> bool:
+    """COCO ids are integers; strings are accepted too (some exporters write them)."""
+    return _is_int(v) or isinstance(v, str)
+
+
+def image_id_of(file_name: str) -> str:
+    """`file_name` without its extension, subfolders kept: `a/x.jpg` and `b/x.jpg` stay apart."""
+    p = PurePosixPath(file_name.replace("\\", "/"))
+    return str(p.with_suffix("")) if p.suffix else str(p)
 
 
 def read(src: str | Path, images_dir: str | Path | None = None) -> Source:
@@ -66,35 +100,46 @@ def read(src: str | Path, images_dir: str | Path | None = None) -> Source:
     file_names = [str(im.get("file_name", "")) for im in d["images"] if isinstance(im, dict)]
     root = _image_dir(json_path, file_names, images_dir)
     for i, im in enumerate(d["images"]):
-        if not isinstance(im, dict) or "id" not in im or not im.get("file_name"):
-            problems.append({**problem(DROP_IMAGE, "image entry without id or file_name", None, f"images[{i}]"), "instances": 0})
+        if not isinstance(im, dict) or not _is_id(im.get("id")) or not isinstance(im.get("file_name"), str) or not im["file_name"]:
+            problems.append({**problem(DROP_IMAGE, "image entry without an integer/string id or a file_name", None, f"images[{i}]"), "instances": 0})
+            continue
+        if im["id"] in images:
+            problems.append({**problem(DROP_IMAGE, f"duplicate image id {im['id']!r} (the first entry is kept)", None, f"images[{i}]"), "instances": 0})
             continue
         h, w = im.get("height"), im.get("width")
         if not (isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0):
             h = w = None  # taken from the decoded image
-        stem = Path(str(im["file_name"])).stem
-        images[im["id"]] = RawImage(stem, str(root / str(im["file_name"])), h, w)
+        images[im["id"]] = RawImage(image_id_of(str(im["file_name"])), str(root / str(im["file_name"])), h, w)
 
     for i, ann in enumerate(d["annotations"]):
         where = f"annotation id {ann.get('id', f'#{i}')}" if isinstance(ann, dict) else f"annotations[{i}]"
         if not isinstance(ann, dict):
             problems.append(problem(DROP_INSTANCE, "annotation is not an object", None, where))
             continue
-        img = images.get(ann.get("image_id"))
+        img = images.get(ann.get("image_id")) if _is_id(ann.get("image_id")) else None
         if img is None:
             problems.append(problem(DROP_INSTANCE, f"image_id {ann.get('image_id')!r} is not in 'images'", None, where))
             continue
         cls = ann.get("category_id")
-        if not isinstance(cls, int) or not vocab.has_category(cls):
+        if not _is_int(cls) or not vocab.has_category(cls):
             problems.append(problem(DROP_INSTANCE, f"unknown category_id {cls!r}", img.image_id, where))
             continue
         seg = ann.get("segmentation")
         if not seg:
             problems.append(problem(DROP_INSTANCE, "no segmentation", img.image_id, where))
             continue
+        if ann.get("iscrowd") in (1, True):
+            # a crowd region is not an instance: torchvision's references drop these for training
+            problems.append(problem(DROP_INSTANCE, "iscrowd annotation (a crowd region, not an instance)", img.image_id, where, bad=False))
+            continue
+        raw_attrs = ann.get("attribute_ids") or []
+        if not isinstance(raw_attrs, list):
+            problems.append(problem(DROP_ATTRIBUTE, f"attribute_ids is {type(raw_attrs).__name__}, not a list (ignored, instance kept)",
+                                    img.image_id, where, bad=False))
+            raw_attrs = []
         attrs: list[int] = []
-        for a in ann.get("attribute_ids") or []:
-            if not isinstance(a, int) or not vocab.has_attribute(a):
+        for a in raw_attrs:
+            if not _is_int(a) or not vocab.has_attribute(a):
                 problems.append(problem(DROP_ATTRIBUTE, f"unknown attribute id {a!r} (instance kept)", img.image_id, where, bad=False))
                 continue
             attrs.append(a)

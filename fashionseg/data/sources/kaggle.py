@@ -7,6 +7,7 @@ here; image and RLE problems are found by the builder's workers when they decode
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 from fashionseg.data.sources.records import (
@@ -22,10 +23,20 @@ def looks_like(src: Path) -> bool:
 
 
 def _int(text: str) -> int | None:
+    """An integer field; integral floats ("512.0", as pandas writes int columns with gaps) count."""
+    t = str(text).strip()
     try:
-        return int(str(text).strip())
+        return int(t)
+    except (TypeError, ValueError):
+        pass
+    try:
+        f = float(t)
     except (TypeError, ValueError):
         return None
+    return int(f) if f.is_integer() else None
+
+
+_EMPTY_ATTRS = {"", "nan", "none", "null", "[]"}  # how spreadsheet/pandas exports spell "no attributes"
 
 
 def read(src: str | Path, images_dir: str | Path | None = None) -> Source:
@@ -48,20 +59,64 @@ def read(src: str | Path, images_dir: str | Path | None = None) -> Source:
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         try:
-            return _read_rows(reader, csv_path, vocab, image_dir)
-        except (csv.Error, UnicodeDecodeError) as e:
+            source = _read_rows(reader, csv_path, vocab, image_dir)
+        except UnicodeDecodeError as e:
+            raise SourceError(f"{csv_path}: not UTF-8 text (byte {e.object[e.start]:#04x}); "
+                              "re-export it as UTF-8 CSV") from e
+        except csv.Error as e:
             raise SourceError(f"{csv_path} line {reader.line_num}: not readable as CSV ({e}); re-export it as UTF-8 CSV") from e
+    _resolve_images(source, image_dir)
+    return source
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def _resolve_images(source: Source, image_dir: Path) -> None:
+    """Point each image at its file: `<ImageId>.jpg`, else `<ImageId>` when the CSV's ids carry their
+    extension, else `<ImageId>.<other image extension>` (any case). Missing files stay missing: the
+    builder reports them per image. Raises SourceError when the folder holds none of them."""
+    if not source.images:
+        return
+    if not image_dir.is_dir():
+        raise SourceError(f"{image_dir}: no image folder (nothing valid to build); the Kaggle layout keeps images in "
+                          "SRC/train/<ImageId>.jpg: pass the folder holding them with --images DIR")
+    by_stem: dict[str, str] | None = None
+    found = 0
+    for img in source.images:
+        if Path(img.path).is_file():
+            found += 1
+            continue
+        if by_stem is None:  # listed once, only when some file is not where the layout says
+            by_stem = {}
+            for entry in sorted(os.scandir(image_dir), key=lambda e: e.name):
+                stem, suffix = os.path.splitext(entry.name)
+                if suffix.lower() in IMAGE_SUFFIXES:
+                    by_stem.setdefault(stem, entry.name)
+        direct = image_dir / img.image_id
+        name = img.image_id if Path(img.image_id).suffix.lower() in IMAGE_SUFFIXES and direct.is_file() else by_stem.get(img.image_id)
+        if name is not None:
+            img.path = str(image_dir / name)
+            found += 1
+    if found == 0:
+        raise SourceError(f"{image_dir}: none of the {len(source.images)} images listed in {source.path.name} is here "
+                          f"(e.g. {source.images[0].image_id}.jpg; nothing valid to build); pass the folder holding them with --images DIR")
 
 
 def _read_rows(reader: csv.DictReader, csv_path: Path, vocab: Vocab, image_dir: Path) -> Source:
     problems: list[dict] = []
     images: dict[str, RawImage] = {}
     num_rows = 0
-    header = reader.fieldnames or []
-    for col in COLUMNS:
+    # tolerate " EncodedPixels" and quoted/padded header names
+    reader.fieldnames = [(h or "").strip() for h in (reader.fieldnames or [])]
+    header = reader.fieldnames
+    for col in COLUMNS[:-1]:
         if col not in header:
             raise SourceError(f"{csv_path}: column '{col}' is missing (header is {','.join(header) or 'empty'}); "
                               f"train.csv needs {','.join(COLUMNS)}")
+    if "AttributesIds" not in header:  # e.g. a category-only export: train without attribute labels
+        problems.append(problem(DROP_ATTRIBUTE, "no AttributesIds column: every instance has no attributes", None,
+                                csv_path.name, bad=False))
     for row in reader:
         num_rows += 1
         where = f"{csv_path.name} line {reader.line_num}"
@@ -84,7 +139,10 @@ def _read_rows(reader: csv.DictReader, csv_path: Path, vocab: Vocab, image_dir: 
             problems.append(problem(DROP_INSTANCE, "empty EncodedPixels", image_id, where))
             continue
         attrs: list[int] = []
-        for tok in (row.get("AttributesIds") or "").replace(" ", "").split(","):
+        attr_text = "".join((row.get("AttributesIds") or "").split())
+        if attr_text.lower() in _EMPTY_ATTRS:
+            attr_text = ""
+        for tok in attr_text.strip("[]").split(","):
             if not tok:
                 continue
             a = _int(tok)

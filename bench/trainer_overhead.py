@@ -1,0 +1,110 @@
+"""Step time of fashionseg's training loop vs a bare torchvision-reference loop, same model and batches.
+
+Both loops train the same model (built from the same config and seed) on the same decoded batches
+held in memory, so the difference is the trainer's own work per step: the stats all-reduce/sync,
+loss weighting, non-finite check, scheduler, hard-miner hook, MetricLogger, metrics.jsonl and
+progress display. Rounds alternate (bare, trainer, bare, trainer, ...) so machine noise hits both.
+
+    python bench/trainer_overhead.py --shards shards/demo [--config configs/debug.yaml] [--steps 20] [--rounds 3]
+
+The last line: `trainer_overhead=X.X% (bare S.SSSs/step, trainer T.TTTs/step)`; target <= 3%.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import os
+
+import torch
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fashionseg.model.build import build_model, trainable_parameters  # noqa: E402
+from fashionseg.train import config as config_lib  # noqa: E402
+from fashionseg.train.logging import RunLogger  # noqa: E402
+from fashionseg.train.loop import RunOptions, Trainer  # noqa: E402
+from fashionseg.train.schedule import build_optimizer, build_scheduler  # noqa: E402
+
+
+def bare_steps(model, optimizer, scheduler, batches) -> float:
+    """torchvision references/detection/engine.py train_one_epoch, minus its logging."""
+    t0 = time.perf_counter()
+    for images, targets in batches:
+        loss_dict = model(images, targets)
+        losses = sum(loss for loss in loss_dict.values())
+        loss_value = losses.item()
+        if not torch.isfinite(torch.tensor(loss_value)):
+            sys.exit(1)
+        optimizer.zero_grad()
+        losses.backward()
+        optimizer.step()
+        scheduler.step()
+    return time.perf_counter() - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shards", required=True)
+    ap.add_argument("--config", default=str(ROOT / "configs" / "debug.yaml"))
+    ap.add_argument("--steps", type=int, default=20, help="steps per round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batches", type=int, default=8, help="distinct batches cycled through")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+
+    total = args.steps * (args.rounds + 1)
+    cfg = config_lib.load(args.config, [f"data.shards={args.shards}", "train.deterministic=false", "log.log_with=[]",
+                                        "eval.every_epochs=0", "eval.at_end=false", f"train.max_steps={total}",
+                                        f"train.checkpoint_every={10**9}", "log.every=20", "log.rich=false",
+                                        *args.overrides])
+    run_dir = Path(tempfile.mkdtemp(prefix="trainer_overhead_"))
+    trainer = Trainer(RunOptions(config=cfg, run_dir=run_dir, shards=args.shards))
+    trainer.setup()
+    trainer.loader.set_epoch(0)
+    it = iter(trainer.loader)
+    cached = [next(it) for _ in range(min(args.batches, len(trainer.loader)))]
+    trainer._batches = lambda epoch, fresh: itertools.cycle(cached)
+    trainer._finish = lambda logger, losses: None
+    trainer.save_checkpoint = lambda: None  # checkpoint I/O is a policy (checkpoint_every), not per-step overhead
+
+    torch.manual_seed(cfg.train.seed)
+    bare = build_model(cfg.model, trainer.vocab.num_classes, trainer.vocab.num_attributes)
+    bare.train()
+    opt = build_optimizer(cfg.train, trainer_params := trainable_parameters(bare), trainer.lr)
+    del trainer_params
+    sched = build_scheduler(cfg.train, opt, total, trainer.warmup_iters)
+
+    def bare_round(n: int) -> float:
+        return bare_steps(bare, opt, sched, itertools.islice(itertools.cycle(cached), n)) / n
+
+    def trainer_round(n: int) -> float:
+        trainer.max_steps = trainer.step + n
+        with RunLogger(run_dir, trainer.accelerator, trainer.max_steps, rich=False, window=20) as logger:
+            logger.print = lambda text: None  # measure the work, not the terminal
+            t0 = time.perf_counter()
+            trainer._loop(logger)
+            return (time.perf_counter() - t0) / n
+
+    print(f"model {cfg.model.backbone} at {cfg.model.min_size}px, batch {cfg.train.batch_size}, "
+          f"{torch.get_num_threads()} threads, device {trainer.device}")
+    bare_round(3), trainer_round(3)  # warm-up (allocator, first-call overheads)
+    b, t = [], []
+    for r in range(args.rounds):
+        b.append(bare_round(args.steps))
+        t.append(trainer_round(args.steps))
+        print(f"round {r}: bare {b[-1]:.4f}s/step  trainer {t[-1]:.4f}s/step")
+    mb, mt = statistics.median(b), statistics.median(t)
+    print(f"trainer_overhead={100 * (mt - mb) / mb:.1f}% (bare {mb:.4f}s/step, trainer {mt:.4f}s/step)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
