@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -102,9 +103,10 @@ def evaluate(run: Path, shards: Path, hard: list[int], args) -> dict:
     from fashionseg.eval.evaluate import evaluate_model
 
     torch.set_num_threads(args.threads)
-    model, vocab, model_cfg = inf.load_weights(run / "model_final.pth", "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, vocab, model_cfg = inf.load_weights(run / "model_final.pth", device)
     m = evaluate_model(model, shards, "val", vocab, mask_thresh=model_cfg.mask_thresh, batch_size=4,
-                       device=torch.device("cpu"), max_images=args.eval_images, iou_f1=False, progress=False)
+                       device=device, max_images=args.eval_images, iou_f1=False, progress=False)
     per_cat = m["segm"]["per_category"]
 
     def mean_ap(cats) -> float:
@@ -142,6 +144,7 @@ def main() -> int:
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--eval-images", type=int, default=None, help="score the first N val images only")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--keep-runs", action="store_true", help="keep each run folder (checkpoints: ~0.5 GB per run)")
     args = ap.parse_args()
 
     args.work.mkdir(parents=True, exist_ok=True)
@@ -166,6 +169,8 @@ def main() -> int:
             r.update(seed=seed, data_steps=steps, train_seconds=seconds, train_cpu_seconds=cpu, final_loss=last.get("loss"),
                      replays=last.get("hard_mining/replays", 0))
             results[arm].append(r)
+            if not args.keep_runs:
+                shutil.rmtree(run, ignore_errors=True)
             print(f"seed {seed} {arm:13s} data steps {steps:4d} replays {r['replays']:3d} train {seconds:6.1f} s wall {cpu:6.1f} s CPU  "
                   f"segm AP {100 * r['segm_AP']:5.2f}  hard {100 * r['hard_AP']:5.2f}  easy {100 * r['easy_AP']:5.2f}",
                   flush=True)

@@ -11,7 +11,7 @@ Data: `shard synth` images (height --size, width the same or 3/4), built into sh
 "Per worker process": with --workers 0 (default) every pipeline runs whole in one process, the
 fair comparison with (c). With --workers W > 0, (a) and (b) run W DataLoader worker processes and
 their total rate is divided by W; the loader's consuming process then also does a little work
-(painting masks, uint8 -> float32, ~1 ms per 1-Mpx image) that this figure does not charge to the
+(painting masks, uint8 -> float32, ~2 ms per 0.85-Mpx image) that this figure does not charge to the
 workers. Pipelines are timed interleaved (median of --repeats) so that load from other processes
 hits all alike; (a) and (b) are timed from their first batch (worker start-up left out). The
 last line is `loader_vs_peer=X.XX loader_vs_decode_limit=0.YY`.

@@ -16,10 +16,10 @@ Why it is built this way (figures in bench/loader.py):
   [N, H, W] uint8 view with strides (H*W, 1, H). Every torch op accepts it (Mask R-CNN's
   roi_align makes it contiguous on the device); call `.contiguous()` if you need row-major.
 - Split in two for DataLoader workers: `SampleTransform.decode` does the work and returns what
-  is cheap to send between processes (uint8 image, mask runs, numpy arrays); `finish_sample`
-  (in the training process) paints the masks and makes the float image. Sending painted masks
-  and float32 images through shared memory cost more than decoding them (measured: ~20 ms per
-  two 1-Mpx images with ~12 instances each).
+  is cheap to send between processes (uint8 image, mask runs, numpy arrays, no tensors);
+  `finish_sample` (in the training process) paints the masks and makes the float image.
+  Sending painted masks and float32 images through shared memory cost more than decoding them
+  (measured: ~20 ms per two 1-Mpx images with ~12 instances each).
 - Photometric jitter is brightness, contrast and saturation (torchvision ColorJitter's
   definitions, applied in that order) folded into one 3x3 colour matrix plus offset, clamped
   and rounded once at the end: one pass over the image instead of three.
@@ -233,12 +233,12 @@ def apply_jitter(img: torch.Tensor, factors: tuple[float, float, float]) -> torc
     out = c*b*s * x + c*b*(1-s) * gray(x) + b*(1-c) * mean(gray(x)), clamped and rounded once.
     A few elementwise passes (a 1x1 convolution was slower and erratic on one CPU thread)."""
     b, c, s = factors
-    r, g, bl = (img[i].to(torch.float32) for i in range(3))
-    gray = r.mul_(GRAY[0]).add_(g, alpha=GRAY[1]).add_(bl, alpha=GRAY[2])
+    x = img.to(torch.float32)  # (mixed-dtype ops are ~20x slower than converting first)
+    gray = torch.mul(x[0], GRAY[0]).add_(x[1], alpha=GRAY[1]).add_(x[2], alpha=GRAY[2])
     offset = b * (1 - c) * float(gray.mean()) + 0.5  # +0.5, then truncation = rounding
     plane = gray.mul_(c * b * (1 - s)).add_(offset)
-    out = torch.add(plane[None], img.to(torch.float32), alpha=c * b * s)  # (mixed-dtype ops are ~20x slower)
-    return out.clamp_(0, 255.49).to(torch.uint8)
+    torch.add(plane[None], x, alpha=c * b * s, out=x)
+    return x.clamp_(0, 255.49).to(torch.uint8)
 
 
 def decode_reduced(key: str, jpg: bytes, h: int, w: int, oh: int, ow: int) -> torch.Tensor | None:
@@ -288,9 +288,11 @@ class SampleTransform:
 
     def decode(self, key: str, jpg: bytes, meta: dict, *, epoch: int, image_id: int) -> tuple[torch.Tensor, dict]:
         """All the work but the last memory-bound step, with a result that is cheap to send between
-        processes: the image stays uint8 (a quarter of float32's bytes), masks stay runs
-        (MaskRuns) and small arrays stay numpy (pickled inline instead of one shared-memory segment
-        each). `finish_sample`, in the consuming process, makes the training pair of it."""
+        processes: the image as a uint8 numpy array (a quarter of float32's bytes), masks as runs
+        (MaskRuns), small arrays as numpy; all pickled inline through the worker's pipe instead of
+        one shared-memory segment per tensor (measured: faulting those segments in, on both
+        sides, cost more than the copies). `finish_sample`, in the consuming process, makes the
+        training pair of it."""
         p = self.params(epoch, key)
         h, w = int(meta["height"]), int(meta["width"])
         oh, ow = output_size(h, w, p.min_size, self.max_size)
@@ -308,7 +310,7 @@ class SampleTransform:
             img = img.flip(-1)
         if p.jitter is not None:
             img = apply_jitter(img, p.jitter)
-        return img, self.target(key, meta, p, oh, ow, image_id)
+        return img.numpy(), self.target(key, meta, p, oh, ow, image_id)
 
     def target(self, key: str, meta: dict, p: AugParams, oh: int, ow: int, image_id: int) -> dict:
         h, w = int(meta["height"]), int(meta["width"])
@@ -348,7 +350,7 @@ class SampleTransform:
 
 def finish_sample(img: torch.Tensor, wire: dict) -> tuple[torch.Tensor, dict]:
     """`SampleTransform.decode` output -> (float32 image in 0..1, target of torch tensors)."""
-    return img.to(torch.float32).mul_(1.0 / 255), {  # not img.mul(): uint8 * float is ~20x slower
+    return torch.from_numpy(img).to(torch.float32).mul_(1.0 / 255), {  # not img.mul(): uint8 * float is ~20x slower
         "boxes": torch.from_numpy(wire["boxes"]),
         "labels": torch.from_numpy(wire["labels"]),
         "masks": wire["masks"].paint(),
