@@ -1,6 +1,6 @@
 """Step time of fashionseg's training loop vs a bare torchvision-reference loop, same model and batches.
 
-Both loops train the same model (built from the same config and seed) on the same decoded batches
+Both loops run the same model (built from the same config and seed) on the same decoded batches
 held in memory, so the difference is the trainer's own work per step: the stats all-reduce/sync,
 loss weighting, non-finite check, scheduler, hard-miner hook, MetricLogger, metrics.jsonl and
 progress display. Rounds alternate (bare, trainer, bare, trainer, ...) so machine noise hits both.
@@ -34,17 +34,20 @@ from fashionseg.train.loop import RunOptions, Trainer  # noqa: E402
 from fashionseg.train.schedule import build_optimizer, build_scheduler  # noqa: E402
 
 
-def bare_steps(model, optimizer, scheduler, batches) -> float:
-    """torchvision references/detection/engine.py train_one_epoch, minus its logging."""
+def bare_steps(model, optimizer, scheduler, batches, clip: float | None) -> float:
+    """torchvision references/detection/engine.py train_one_epoch, minus its logging (plus the
+    same gradient clipping as the trainer when the config asks for it, so both do the same math)."""
     t0 = time.perf_counter()
     for images, targets in batches:
         loss_dict = model(images, targets)
         losses = sum(loss for loss in loss_dict.values())
         loss_value = losses.item()
         if not torch.isfinite(torch.tensor(loss_value)):
-            sys.exit(1)
+            sys.exit(f"bare loop: loss is {loss_value}, stopping training (lower the lr or set train.clip_grad_norm)")
         optimizer.zero_grad()
         losses.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
         scheduler.step()
     return time.perf_counter() - t0
@@ -64,6 +67,10 @@ def main() -> int:
     cfg = config_lib.load(args.config, [f"data.shards={args.shards}", "train.deterministic=false", "log.log_with=[]",
                                         "eval.every_epochs=0", "eval.at_end=false", f"train.max_steps={total}",
                                         f"train.checkpoint_every={10**9}", "log.every=20", "log.rich=false",
+                                        # lr 0: the weights never change, so both loops do exactly the
+                                        # same detector work every step (proposal counts, positives, ...)
+                                        # and only the loops' own overhead differs
+                                        "train.lr=0.0",
                                         *args.overrides])
     run_dir = Path(tempfile.mkdtemp(prefix="trainer_overhead_"))
     trainer = Trainer(RunOptions(config=cfg, run_dir=run_dir, shards=args.shards))
@@ -83,7 +90,7 @@ def main() -> int:
     sched = build_scheduler(cfg.train, opt, total, trainer.warmup_iters)
 
     def bare_round(n: int) -> float:
-        return bare_steps(bare, opt, sched, itertools.islice(itertools.cycle(cached), n)) / n
+        return bare_steps(bare, opt, sched, itertools.islice(itertools.cycle(cached), n), cfg.train.clip_grad_norm) / n
 
     def trainer_round(n: int) -> float:
         trainer.max_steps = trainer.step + n

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # `make demo`: synthetic data -> shards -> train the light model on the CPU -> COCO AP -> a picture.
-# Everything lands in shards/demo and runs/demo; about 8-10 minutes on a 2-core CPU.
+# Everything lands in shards/demo and runs/demo (`make clean` removes them). On an idle 2-core CPU
+# about 7-8 minutes; measured 16.5 min wall (10.7 min CPU) on a 2-core machine shared with
+# other jobs (load ~5): mask AP 0.082, AP50 0.275, box AP 0.153 on the 44 val images.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
-SRC=shards/demo_src
+SRC="$(mktemp -d -t fashionseg_demo_src.XXXXXX)"   # the raw synthetic dataset: only `shard build` reads it
+trap 'rm -rf "$SRC"' EXIT
 SHARDS=shards/demo
 RUN=runs/demo
 STEPS="${DEMO_STEPS:-}"   # DEMO_STEPS=100 make demo: a quicker, worse model
@@ -12,7 +15,7 @@ STEPS="${DEMO_STEPS:-}"   # DEMO_STEPS=100 make demo: a quicker, worse model
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 step "1/5 shard synth: 400 synthetic images in the Kaggle layout ($SRC)"
-rm -rf "$SRC" "$SHARDS" "$RUN"
+rm -rf "$SHARDS" "$RUN"
 shard synth "$SRC" --images 400 --size 96 --seed 0
 
 step "2/5 shard build: webdataset shards + manifest ($SHARDS)"

@@ -182,7 +182,7 @@ def results_from_gt(gt: dict, score: float = 1.0) -> list[dict]:
             for a in gt["annotations"]]
 
 
-def category_table(metrics: dict, vocab: Vocab, title: str = "per-category AP"):
+def category_table(metrics: dict, vocab: Vocab, title: str = "per-category AP (%): box, mask, AP^{IoU+F1}"):
     """A rich Table of per-category bbox/segm AP (and AP^{IoU+F1} where present), GT counts."""
     from rich.table import Table
 
@@ -190,8 +190,12 @@ def category_table(metrics: dict, vocab: Vocab, title: str = "per-category AP"):
         return "-" if v is None else f"{100 * v:.1f}"
 
     table = Table(title=title, show_lines=False)
-    for col in ("id", "category", "GT", "box AP", "box AP50", "mask AP", "mask AP50", "AP^{IoU+F1}"):
-        table.add_column(col, justify="left" if col == "category" else "right")
+    # short headers, one line per category: the table fits an 80-column terminal
+    for col in ("id", "category", "GT", "box AP", "AP50", "mask AP", "AP50", "IoU+F1 AP"):
+        if col == "category":
+            table.add_column(col, justify="left", no_wrap=True, overflow="ellipsis", max_width=18)
+        else:
+            table.add_column(col, justify="right", no_wrap=True, min_width=len(col))
     counts = metrics.get("gt_counts", {})
     box = metrics.get("bbox", {}).get("per_category", {})
     seg = metrics.get("segm", {}).get("per_category", {})

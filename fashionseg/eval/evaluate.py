@@ -11,7 +11,12 @@ Metrics dict (also the JSON written by `--out`):
    "segm": {same},
    "iou_f1": {"AP", "AP_IOU50", "AP_IOU75", "AP_F150", ..., "per_category": {...}} (mask IoU),
    "gt_counts": {str(cat id): n}}
-Values are fractions in 0..1; None where undefined (no ground truth of that kind).
+Values are fractions in 0..1; None where undefined (no ground truth of that kind). The command's
+JSON adds "weights", "shards", "score_thresh" and "nms_thresh" (the post-processing it ran with:
+flags > --config YAML, e.g. tune-thresholds' output > the checkpoint's model config).
+
+Under `accelerate launch` / torchrun only rank 0 prints and writes; an error on any rank (say a
+sample it cannot decode) is gathered too and raised on every rank, so none waits for the others.
 """
 from __future__ import annotations
 
@@ -67,11 +72,12 @@ def run_split(model: torch.nn.Module, shard_dir, split: str, vocab: Vocab, *, ma
     images, anns, results = [], [], []
     total = inf.rank_share(inf.split_size(shard_dir, split, max_images), rank, world)
     t0 = time.perf_counter()
+    error = None
     try:
         with progress_bar(progress and rank == 0, f"eval {split}", total) as advance:
             for batch in inf.batched(inf.iter_rank_samples(shard_dir, split, rank, world, max_images), batch_size):
                 tensors = [inf.decode_image(jpg, f"{shard_dir}/{split} sample '{key}'").to(device) for _, key, jpg, _ in batch]
-                outputs = net(tensors)
+                outputs = inf.forward_by_shape(net, tensors)
                 for (index, key, _, meta), out in zip(batch, outputs):
                     gt = coco_lib.gt_from_samples([(key, meta)], vocab)
                     for im in gt["images"]:
@@ -83,10 +89,19 @@ def run_split(model: torch.nn.Module, shard_dir, split: str, vocab: Vocab, *, ma
                     results += inf.outputs_to_results(out, index, vocab, mask_thresh=mask_thresh, attr_thresh=attr_thresh,
                                                       out_size=(int(meta["height"]), int(meta["width"])))
                 advance(len(batch))
+    except Exception as e:
+        if world == 1:
+            raise
+        # still join the gather below, or the other ranks would wait there until the timeout
+        error = (type(e), f"rank {rank}: {e}")
     finally:
         net.train(was_training)
     seconds = time.perf_counter() - t0
-    parts = inf.gather_to_main((images, anns, results), accelerator)
+    parts = inf.gather_to_main((images, anns, results, error), accelerator)
+    errors = inf.broadcast_from_main([p[3] for p in parts if p[3] is not None] if parts is not None else None, accelerator)
+    if errors:  # every rank raises the same error
+        kind, message = errors[0]
+        raise (kind if issubclass(kind, ValueError) else RuntimeError)("; ".join(m for _, m in errors))
     if parts is None:
         return None, None, seconds
     all_images = sorted((im for p in parts for im in p[0]), key=lambda im: im["id"])
@@ -154,7 +169,7 @@ def print_metrics(metrics: dict, vocab: Vocab, console=None) -> None:
 
     console = console or Console()
     console.print(coco_lib.summary_table(metrics, title=f"{metrics.get('split', '')}: {metrics['num_images']} images, "
-                                                        f"{metrics['num_detections']} detections"))
+                                                        f"{metrics['num_detections']} detections (AP in %)"))
     console.print(coco_lib.category_table(metrics, vocab))
 
 
@@ -166,7 +181,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="write the metrics JSON here (default: eval.json beside the weights)")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
-    p.add_argument("--mask-thresh", type=float, default=None, help="default: the model config's mask_thresh")
+    inf.add_postprocess_arguments(p)
     p.add_argument("--attr-thresh", type=float, default=0.5, help="attribute score for the predicted attribute set")
     p.add_argument("--max-images", type=int, default=None, help="evaluate the first N samples of the split only")
     p.add_argument("--no-iou-f1", action="store_true", help="skip AP^{IoU+F1} (COCO AP only)")
@@ -181,12 +196,14 @@ def _accelerator(device: str | None):
         return None, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     from accelerate import Accelerator
 
-    acc = Accelerator(cpu=device == "cpu")
+    # no GPU: say so, or accelerate reports a single process although the group has several
+    acc = Accelerator(cpu=device == "cpu" or not torch.cuda.is_available())
     return acc, acc.device
 
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
 
     from fashionseg.data.shards.manifest import ManifestError
     from fashionseg.data.shards.reader import ShardError
@@ -198,20 +215,22 @@ def run(args: argparse.Namespace) -> int:
     try:
         accelerator, device = _accelerator(args.device)
         model, vocab, model_cfg = inf.load_weights(args.weights, device)
-        mask_thresh = model_cfg.mask_thresh if args.mask_thresh is None else args.mask_thresh
+        post = inf.apply_postprocess(model, model_cfg, args)
+        mask_thresh = post["mask_thresh"]
         metrics = evaluate_model(model, args.shards, args.split, vocab, mask_thresh=mask_thresh,
                                  batch_size=args.batch_size, device=device, accelerator=accelerator,
                                  attr_thresh=args.attr_thresh, max_images=args.max_images,
                                  iou_f1=not args.no_iou_f1, progress=not args.no_progress)
     except (inf.WeightsError, ManifestError, ShardError, coco_lib.EvalDataError, ValueError) as e:
-        console.print(f"[red]error:[/] {e}")
+        console.print(f"[red]error:[/] {escape(str(e))}")
         return 1
     rank, _ = inf.rank_and_world(accelerator)
     if rank != 0:
         return 0
-    metrics.update(weights=str(args.weights), shards=str(args.shards))
+    metrics.update(weights=str(args.weights), shards=str(args.shards),
+                   score_thresh=post["score_thresh"], nms_thresh=post["nms_thresh"])
     out = Path(args.out) if args.out else Path(args.weights).with_name("eval.json")
     atomic_write_json(out, metrics)
     print_metrics(metrics, vocab, Console())
-    console.print(f"metrics written to {out}")
+    console.print(f"metrics written to {escape(str(out))}")
     return 0

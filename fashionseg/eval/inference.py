@@ -10,7 +10,9 @@ model/build.py and torchvision do.
 Distributed evaluation: rank r takes the samples whose split index i has i % world_size == r
 (every sample exactly once, no padding: a training loader that evens out step counts would
 duplicate or drop samples), and the per-rank results are gathered on rank 0 with
-`torch.distributed.gather_object` (which accelerate also runs on).
+`torch.distributed.gather_object` (which accelerate also runs on). Images go through the model
+in same-size groups (forward_by_shape), so a detection does not depend on the batch size or on
+the number of processes: a distributed evaluation gives the single process's numbers.
 """
 from __future__ import annotations
 
@@ -45,12 +47,18 @@ def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu"):
     from fashionseg.model.build import ModelConfig, build_model
 
     path = Path(path)
+    if path.is_dir():
+        inside = path / "model_final.pth"
+        hint = f"pass {inside}" if inside.is_file() else "pass the model_final.pth a training run writes in its --out folder"
+        raise WeightsError(f"{path}: is a folder, not a weights file; {hint}")
     if not path.is_file():
-        raise WeightsError(f"{path}: no such weights file" + ("" if path.parent.exists() else f" (folder {path.parent} does not exist)"))
+        raise WeightsError(f"{path}: no such weights file" + ("" if path.parent.exists() else f" (folder {path.parent} does not exist)")
+                           + "; pass the model_final.pth a training run writes in its --out folder")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and weights_only errors all mean the same to the user
-        raise WeightsError(f"{path}: cannot read as a torch weights file ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+        raise WeightsError(f"{path}: cannot read as a torch weights file ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                           "pass the model_final.pth a training run writes in its --out folder") from e
     if not isinstance(ckpt, dict):
         raise WeightsError(f"{path}: not a fashionseg checkpoint (a {type(ckpt).__name__}, expected a dict with keys {', '.join(CHECKPOINT_KEYS)})")
     for key in CHECKPOINT_KEYS:
@@ -98,6 +106,54 @@ def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu"):
     return model, vocab, model_cfg
 
 
+# -- post-processing ------------------------------------------------------------------------------
+POSTPROCESS_KEYS = ("score_thresh", "nms_thresh", "mask_thresh")
+
+
+def add_postprocess_arguments(p) -> None:
+    """--config / --score-thresh / --nms-thresh / --mask-thresh, shared by eval and predict."""
+    p.add_argument("--config", default=None,
+                   help="YAML whose model: score_thresh / nms_thresh / mask_thresh replace the checkpoint's "
+                        "(e.g. the file `fashionseg tune-thresholds` writes)")
+    p.add_argument("--score-thresh", type=float, default=None, help="default: --config's, else the checkpoint's")
+    p.add_argument("--nms-thresh", type=float, default=None, help="default: --config's, else the checkpoint's")
+    p.add_argument("--mask-thresh", type=float, default=None, help="default: --config's, else the checkpoint's")
+
+
+def apply_postprocess(model, model_cfg, args) -> dict[str, float]:
+    """Set the model's score/NMS thresholds from flags > --config YAML > checkpoint; returns all three.
+
+    The mask threshold is not a model setting at inference here (results are cut by
+    outputs_to_results): callers pass the returned `mask_thresh` on."""
+    from fashionseg.model.build import set_postprocess
+
+    chosen = {k: float(getattr(model_cfg, k)) for k in POSTPROCESS_KEYS}
+    if getattr(args, "config", None):
+        import yaml
+
+        try:
+            cfg = yaml.safe_load(Path(args.config).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ValueError(f"{args.config}: cannot read the config ({e})") from e
+        model_section = cfg.get("model") if isinstance(cfg, dict) else None
+        if not isinstance(model_section, dict):
+            raise ValueError(f"{args.config}: no 'model:' mapping (expected model.score_thresh / nms_thresh / mask_thresh)")
+        for k in POSTPROCESS_KEYS:
+            if model_section.get(k) is not None:
+                try:
+                    chosen[k] = float(model_section[k])
+                except (TypeError, ValueError):
+                    raise ValueError(f"{args.config}: model.{k} must be a number, got {model_section[k]!r}") from None
+    for k in POSTPROCESS_KEYS:
+        if getattr(args, k, None) is not None:
+            chosen[k] = float(getattr(args, k))
+    for k, v in chosen.items():
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"{k} must lie in [0, 1], got {v}")
+    set_postprocess(model, score_thresh=chosen["score_thresh"], nms_thresh=chosen["nms_thresh"])
+    return chosen
+
+
 def check_same_vocab(model_vocab: Vocab, data_vocab: Vocab, where: str) -> None:
     """Category/attribute ids of a model and a dataset must agree, or every score is garbage."""
     for kind in ("categories", "attributes"):
@@ -119,19 +175,47 @@ def decode_image(data: bytes | str | os.PathLike, name: str = "") -> torch.Tenso
     from torchvision.io import decode_image as tv_decode
 
     raw = data if isinstance(data, (bytes, bytearray)) else None
+    where = (name or str(data)) if raw is None else (name or "image")
     try:
         if raw is None:
             raw = Path(data).read_bytes()
-        img = tv_decode(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except OSError as e:
-        raise ValueError(f"{name or data}: cannot read the image ({e})") from e
-    except RuntimeError:
+        raise ValueError(f"{where}: cannot read the image ({e.strerror or e})") from e
+    if len(raw) == 0:
+        raise ValueError(f"{where}: empty file (0 bytes), not an image")
+    try:
+        img = tv_decode(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError):
         try:
-            pil = Image.open(io.BytesIO(raw)).convert("RGB")
+            pil = Image.open(io.BytesIO(raw))
+            pil.load()  # truncated data fails here, not later
+            pil = pil.convert("RGB")
+        except Image.UnidentifiedImageError:
+            raise ValueError(f"{where}: not an image format PIL or torchvision can read ({len(raw)} bytes)") from None
         except Exception as e:
-            raise ValueError(f"{name or data}: cannot decode the image ({e})") from e
+            raise ValueError(f"{where}: cannot decode the image ({type(e).__name__}: {e})") from e
         img = torch.from_numpy(np.array(pil, dtype=np.uint8)).permute(2, 0, 1)
-    return img.float().div_(255.0)
+    # 16-bit PNGs decode to uint16: scale by that type's range, not 255
+    return img.float().div_(float(torch.iinfo(img.dtype).max))
+
+
+def forward_by_shape(net: torch.nn.Module, images: list[torch.Tensor]) -> list[dict]:
+    """`net(images)`, one call per image size, outputs in input order.
+
+    torchvision pads a batch to its largest image, and the padding changes the features near
+    the border: the same image gave different detections depending on its batch partners, so
+    `--batch-size` and the number of eval processes (which decides who shares a batch) moved
+    the metrics. Same-size images pad alike, so this equals running the images one by one."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, im in enumerate(images):
+        groups.setdefault(tuple(im.shape[-2:]), []).append(i)
+    if len(groups) <= 1:
+        return net(images)
+    out: list = [None] * len(images)
+    for idx in groups.values():
+        for i, o in zip(idx, net([images[i] for i in idx])):
+            out[i] = o
+    return out
 
 
 # -- outputs -> results -------------------------------------------------------------------------
@@ -191,10 +275,16 @@ def outputs_to_results(output: dict, image_id: int, vocab: Vocab, *, mask_thresh
 
 # -- distributed --------------------------------------------------------------------------------
 def rank_and_world(accelerator: Any = None) -> tuple[int, int]:
-    if accelerator is not None:
-        return int(accelerator.process_index), int(accelerator.num_processes)
+    """(rank, world size) of the process group the gathers below run on.
+
+    torch.distributed's own answer when it is initialised: an Accelerator made without
+    `cpu=True` on a machine without a GPU reports one process although `accelerate launch
+    --multi_gpu` has initialised a group of several, and every rank would then score the
+    whole split on its own."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if accelerator is not None:
+        return int(accelerator.process_index), int(accelerator.num_processes)
     return 0, 1
 
 

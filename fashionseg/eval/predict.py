@@ -12,6 +12,14 @@ Outputs in `--out DIR`:
 
 The ImageId is the file name without its extension for files, the sample's `image_id` for shards.
 
+The grid of a file is its pixels as stored: an EXIF orientation tag is NOT applied, because
+Kaggle's Height/Width (and the masks of train.csv) describe the stored pixel grid, and the model
+was trained on stored grids too (shard build applies an orientation only when it is what makes
+an image fit its annotated grid). A file that cannot be read or decoded (empty, truncated, not
+an image) is reported on the console and in `skipped.json` (`[{"image_id", "source", "reason"}]`),
+gets no row, prediction or overlay, and the run goes on; the exit code is 0 when at least one
+image was predicted.
+
 --tta: every image is run at each of --tta-scales (the model's resize target min_size/max_size
 scaled) and, per scale, also horizontally flipped (flipped back after). All passes' detections
 are pooled and merged per class: the highest-scoring remaining detection opens a cluster that
@@ -58,6 +66,18 @@ def collect_inputs(inputs: list[str], split: str | None = None) -> tuple[list[It
 
     plans: list = []
     total = 0
+    ids: dict[str, str] = {}  # ImageId (shards: the sample key, its tar-safe form) -> where
+
+    def claim(image_id: str, where: str) -> None:
+        if image_id in ids:  # found before anything is written
+            raise InputError(f"ImageId '{image_id}' appears twice: {ids[image_id]} and {where}; "
+                             "an ImageId (a file's name without its extension) must be unique")
+        ids[image_id] = where
+
+    def add_file(f: Path) -> None:
+        claim(f.stem, str(f))
+        plans.append(("file", f, None))
+
     for raw in inputs:
         p = Path(raw)
         if p.is_dir() and (p / MANIFEST_NAME).is_file():
@@ -67,16 +87,20 @@ def collect_inputs(inputs: list[str], split: str | None = None) -> tuple[list[It
                 if s not in manifest["splits"]:
                     raise InputError(f"{p}: no split '{s}' (has {', '.join(manifest['splits'])})")
                 total += manifest["splits"][s]["num_samples"]
+                for shard in manifest["splits"][s].get("shards", []):
+                    for sample in shard.get("samples", []):
+                        claim(str(sample["key"]), f"{p} [{s}]")
                 plans.append(("shards", p, s))
         elif p.is_dir():
             files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
             if not files:
                 raise InputError(f"{p}: folder has no images ({', '.join(IMAGE_EXTENSIONS)}) and no manifest.json")
             total += len(files)
-            plans.extend(("file", f, None) for f in files)
+            for f in files:
+                add_file(f)
         elif p.is_file():
             total += 1
-            plans.append(("file", p, None))
+            add_file(p)
         else:
             raise InputError(f"{p}: no such file or folder")
 
@@ -148,7 +172,7 @@ def tta_outputs(net: torch.nn.Module, images: list[torch.Tensor], scales=DEFAULT
             t.min_size = tuple(max(8, round(v * s)) for v in base_min)
             t.max_size = max(8, round(base_max * s))
             batch = list(images) + ([im.flip(-1) for im in images] if hflip else [])
-            outs = [{k: v.cpu() for k, v in o.items()} for o in net(batch)]
+            outs = [{k: v.cpu() for k, v in o.items()} for o in inf.forward_by_shape(net, batch)]
             for i, im in enumerate(images):
                 per_image[i].append(outs[i])
                 if hflip:
@@ -169,8 +193,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tta-scales", type=float, nargs="+", default=list(DEFAULT_TTA_SCALES))
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
-    p.add_argument("--score-thresh", type=float, default=None, help="default: the model config's score_thresh")
-    p.add_argument("--mask-thresh", type=float, default=None, help="default: the model config's mask_thresh")
+    inf.add_postprocess_arguments(p)
     p.add_argument("--attr-thresh", type=float, default=0.5, help="attribute score for the predicted attribute set")
     p.add_argument("--top-attributes", type=int, default=3, help="attribute names per instance on overlays")
     p.add_argument("--no-overlays", action="store_true")
@@ -179,8 +202,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def predict(model, vocab, items, total: int, out_dir: Path, *, mask_thresh: float, attr_thresh: float = 0.5,
             batch_size: int = 2, device="cpu", tta: bool = False, tta_scales=DEFAULT_TTA_SCALES,
-            overlays: bool = True, top_attributes: int = 3, progress: bool = True) -> dict:
-    """The predict pipeline on an already loaded model; returns a summary dict."""
+            overlays: bool = True, top_attributes: int = 3, progress: bool = True, on_skip=None) -> dict:
+    """The predict pipeline on an already loaded model; returns a summary dict.
+
+    Images that fail to load are left out and listed in the summary's `skipped` (and
+    `skipped.json`); `on_skip(entry)` is called for each as it happens."""
     from PIL import Image
 
     from fashionseg.data.shards.manifest import safe_key
@@ -193,13 +219,27 @@ def predict(model, vocab, items, total: int, out_dir: Path, *, mask_thresh: floa
     net = unwrap(model).eval()
     results: list[dict] = []
     rows: list[tuple] = []
+    skipped: list[dict] = []
     n_images = 0
     t0 = time.perf_counter()
     with progress_bar(progress, "predict", total) as advance, torch.no_grad():
         for batch in inf.batched(items, batch_size):
-            images = [it.load() for it in batch]
+            n_batch = len(batch)
+            images, loaded = [], []
+            for it in batch:
+                try:
+                    images.append(it.load())
+                    loaded.append(it)
+                except ValueError as e:  # unreadable / undecodable: report, skip, go on
+                    skipped.append({"image_id": it.image_key, "source": it.source, "reason": str(e)})
+                    if on_skip is not None:
+                        on_skip(skipped[-1])
+            batch = loaded
+            if not batch:
+                advance(n_batch)
+                continue
             dev_images = [im.to(device) for im in images]
-            outputs = tta_outputs(net, dev_images, tta_scales) if tta else net(dev_images)
+            outputs = tta_outputs(net, dev_images, tta_scales) if tta else inf.forward_by_shape(net, dev_images)
             for it, im, out in zip(batch, images, outputs):
                 size = it.orig_size or tuple(im.shape[-2:])
                 res = inf.outputs_to_results(out, n_images, vocab, mask_thresh=mask_thresh, attr_thresh=attr_thresh,
@@ -213,21 +253,24 @@ def predict(model, vocab, items, total: int, out_dir: Path, *, mask_thresh: floa
                     save_png(out_dir / "overlays" / f"{safe_key(it.image_key)}.png",
                              draw_overlay(pil, res, vocab, top_attributes=top_attributes))
                 n_images += 1
-            advance(len(batch))
+            advance(n_batch)
     seconds = time.perf_counter() - t0
     atomic_write_json(out_dir / "predictions.json", results, indent=None)
     n_rows = write_submission(out_dir / "submission.csv", rows)
+    if skipped:
+        atomic_write_json(out_dir / "skipped.json", skipped)
+    elif (out_dir / "skipped.json").exists():  # from an earlier run into the same folder
+        (out_dir / "skipped.json").unlink()
     return {"images": n_images, "detections": len(results), "submission_rows": n_rows, "seconds": seconds,
-            "images_per_second": inf.images_per_second(n_images, seconds)}
+            "images_per_second": inf.images_per_second(n_images, seconds), "skipped": skipped}
 
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
 
     from fashionseg.data.shards.manifest import ManifestError
     from fashionseg.data.shards.reader import ShardError
-    from fashionseg.model.build import set_postprocess
-
     console = Console(stderr=True)
     if args.batch_size < 1:
         console.print("[red]error:[/] --batch-size must be >= 1")
@@ -237,16 +280,21 @@ def run(args: argparse.Namespace) -> int:
     try:
         items, total = collect_inputs(args.inputs, args.split)
         model, vocab, model_cfg = inf.load_weights(args.weights, device)
-        if args.score_thresh is not None:
-            set_postprocess(model, score_thresh=args.score_thresh)
-        mask_thresh = model_cfg.mask_thresh if args.mask_thresh is None else args.mask_thresh
+        mask_thresh = inf.apply_postprocess(model, model_cfg, args)["mask_thresh"]
         summary = predict(model, vocab, items, total, out_dir, mask_thresh=mask_thresh, attr_thresh=args.attr_thresh,
                           batch_size=args.batch_size, device=device, tta=args.tta, tta_scales=tuple(args.tta_scales),
                           overlays=not args.no_overlays, top_attributes=args.top_attributes,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress,
+                          on_skip=lambda e: console.print(f"[yellow]skipped:[/] {escape(e['reason'])}", highlight=False))
     except (InputError, inf.WeightsError, ManifestError, ShardError, ValueError) as e:
-        console.print(f"[red]error:[/] {e}")
+        console.print(f"[red]error:[/] {escape(str(e))}")
         return 1
     console.print(f"{summary['images']} images, {summary['detections']} detections, {summary['submission_rows']} "
-                  f"submission rows in {summary['seconds']:.1f} s ({summary['images_per_second']:.2f} images/s) -> {out_dir}")
+                  f"submission rows in {summary['seconds']:.1f} s ({summary['images_per_second']:.2f} images/s) -> {escape(str(out_dir))}")
+    if summary["skipped"]:
+        console.print(f"[yellow]{len(summary['skipped'])} image(s) could not be read and were skipped[/] "
+                      f"(no rows, predictions or overlays): listed in {escape(str(out_dir / 'skipped.json'))}")
+    if summary["images"] == 0 and summary["skipped"]:
+        console.print("[red]error:[/] no image could be read")
+        return 1
     return 0

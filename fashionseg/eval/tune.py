@@ -11,6 +11,8 @@ pasted mask is 0). This equals re-running the model with (s, n) except that dete
 The grid is searched exhaustively for the chosen metric: `segm` (COCO mask AP), `bbox`, or
 `iou_f1` (Fashionpedia AP^{IoU+F1}). The best values are written to the `model:` section
 (score_thresh, nms_thresh, mask_thresh) of a config YAML, atomically; the other keys stay.
+`fashionseg eval/predict --config THAT.yaml` apply them to a weights file; a training run
+started from it bakes them into its model_final.pth.
 """
 from __future__ import annotations
 
@@ -96,7 +98,7 @@ def cache_split(model, shard_dir, split: str, vocab: Vocab, *, min_score: float,
         total = inf.split_size(shard_dir, split, max_images)
         with progress_bar(progress, f"cache {split}", total) as advance:
             for batch in inf.batched(inf.iter_rank_samples(shard_dir, split, 0, 1, max_images), batch_size):
-                outs = net([inf.decode_image(jpg, key).to(device) for _, key, jpg, _ in batch])
+                outs = inf.forward_by_shape(net, [inf.decode_image(jpg, key).to(device) for _, key, jpg, _ in batch])
                 for (index, key, _, meta), out in zip(batch, outs):
                     samples.append((key, meta))
                     cache.append(CachedImage(index, out, (int(meta["height"]), int(meta["width"]))))
@@ -180,6 +182,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import yaml
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from fashionseg.data.shards.manifest import ManifestError
@@ -209,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
                         mask_values=args.masks, max_dets=model_cfg.detections_per_img, attr_thresh=args.attr_thresh,
                         progress=not args.no_progress)
     except (inf.WeightsError, ManifestError, ShardError, coco_lib.EvalDataError, ValueError) as e:
-        console.print(f"[red]error:[/] {e}")
+        console.print(f"[red]error:[/] {escape(str(e))}")
         return 1
     best = trials[0]
     out = Path(args.out or args.config or Path(args.weights).with_name("tuned.yaml"))
@@ -225,5 +228,5 @@ def run(args: argparse.Namespace) -> int:
     Console().print(table)
     console.print(f"best {args.metric} AP {100 * best['value']:.2f} at score_thresh={best['score_thresh']:g} "
                   f"nms_thresh={best['nms_thresh']:g} mask_thresh={best['mask_thresh']:g} "
-                  f"(was {current[0]:g}/{current[1]:g}/{current[2]:g}); written to {out} (model: section)")
+                  f"(was {current[0]:g}/{current[1]:g}/{current[2]:g}); written to {escape(str(out))} (model: section)")
     return 0
