@@ -42,7 +42,7 @@ def _dispatch(prog: str, commands: dict[str, tuple[str, str]], argv: list[str] |
     module = importlib.import_module(commands[argv[0]][0])
     cmd_parser = argparse.ArgumentParser(prog=f"{prog} {argv[0]}", description=commands[argv[0]][1])
     module.add_arguments(cmd_parser)
-    args = cmd_parser.parse_args(argv[1:])
+    args = cmd_parser.parse_intermixed_args(argv[1:])  # options may follow key=value overrides
     return int(module.run(args) or 0)
 
 

@@ -8,15 +8,16 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from train_utils import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -24,11 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("hard_mining_ddp_worker.py")
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(args: list[str], timeout: int = 240) -> None:
@@ -129,6 +125,10 @@ def test_trainer_replays_in_step_on_two_ranks(trainer_run):
     assert sorted(by_step) == [1, 2, 3, 4], f"no per-step hard_mining/* rows: {sorted(rows[-1])}"
     assert [by_step[s]["hard_mining/replays"] for s in range(1, 5)] == [0, 1, 1, 2]
     assert [by_step[s].get("hard_mining/last_replay_step") for s in range(1, 5)] == [None, 2, 2, 4]
+    # the replayed batch's loss is logged in the replay step's forward and after its update
+    for s in (2, 4):
+        before, after = by_step[s]["hard_mining/last_loss_before"], by_step[s]["hard_mining/last_loss_after"]
+        assert math.isfinite(before) and math.isfinite(after) and before > 0 and after > 0
     ranks = json.loads((trainer_run / "ranks.json").read_text())
     assert [r["replays"] for r in ranks] == [2, 2]
     assert [r["step"] for r in ranks] == [4, 4]

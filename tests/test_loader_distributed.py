@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections import Counter
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from fashionseg.data.shards.reader import iter_split
+from train_utils import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -20,11 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("loader_ddp_worker.py")
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_equal_steps_disjoint_samples(synth_shards, tmp_path):

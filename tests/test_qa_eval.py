@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 import tarfile
@@ -24,6 +23,7 @@ from fashionseg.data.rle import decode_coco
 from fashionseg.data.shards.reader import read_manifest
 from fashionseg.data.vocab import Vocab
 from fashionseg.eval import inference as inf
+from train_utils import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).with_name("accelerate")
@@ -41,11 +41,6 @@ def kaggle_decode(encoded: str, height: int, width: int) -> np.ndarray:
         end = start - 1 + length
     return flat.reshape(width, height).T
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

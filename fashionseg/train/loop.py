@@ -174,6 +174,11 @@ class Trainer:
         self.accelerator = acc = build_accelerator(t, trackers, str(self.run_dir), self.precision,
                                                    find_unused_parameters=freeze)
         self.rank, self.world = acc.process_index, acc.num_processes
+        env_world = int(os.environ.get("WORLD_SIZE", "1"))
+        if env_world != self.world:
+            raise TrainingError(f"the launcher started {env_world} processes (WORLD_SIZE) but Accelerate formed a group of "
+                                f"{self.world}: every rank would train its own model. Check ACCELERATE_USE_CPU / the "
+                                "accelerate config on this host")
         self.device = acc.device
         if opts.debug and self.world > 1:
             raise TrainingError("--debug runs in one process: launch it without accelerate/torchrun")
@@ -386,18 +391,37 @@ class Trainer:
     def replay(self, epoch: int) -> None:
         """The hard miner's extra optimizer step(s), taken by every rank at the same global step."""
         for _ in range(self.miner.replays_per_trigger):
-            keys, replay_epoch, loss_before = self.miner.pop()
+            keys, replay_epoch, _mined_loss = self.miner.pop()
             images, targets = self.loader.load_batch(keys, replay_epoch)
             images, targets = to_device(images, targets, self.device)
-            losses, nonfinite, _, local = self._micro(images, targets, False, in_accumulate=False)
+            losses, nonfinite, _, before = self._micro(images, targets, False, in_accumulate=False)
+            after = None
             if nonfinite:
                 self.optimizer.zero_grad(set_to_none=True)
             else:
                 self._optimizer_step()
                 if self.miner.count_in_schedule:
                     self.scheduler.step()
+                after = self._loss_without_side_effects(images, targets)
             self.replay_count += 1
-            self.miner.record_replay(loss_before, local if local is not None else None)
+            self.miner.record_replay(before if before is not None else float("nan"), after)
+
+    def _loss_without_side_effects(self, images, targets) -> dict[str, float]:
+        """This rank's loss on a batch with the current weights, for the replay log: a no-grad
+        forward of the unwrapped model (no collectives), after which buffers (BatchNorm running
+        stats) and RNG are restored, so the run continues exactly as if it had not been measured."""
+        model = self.unwrapped
+        buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+        rng = ckpt_lib.rng_state()
+        try:
+            with torch.no_grad():
+                loss_dict = model(images, targets)
+            return {k: float(v) for k, v in loss_dict.items()}
+        finally:
+            with torch.no_grad():
+                for n, b in model.named_buffers():
+                    b.copy_(buffers[n])
+            ckpt_lib.set_rng_state(rng)
 
     # .. the run ..................................................................................
     def _install_signals(self) -> None:
