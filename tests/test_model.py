@@ -259,3 +259,22 @@ def test_freeze_schedule_refuses_a_backbone_frozen_before_ddp(single_process_gro
     sum(ddp([img], [target]).values()).backward()
     assert all(p.grad is None for p in model.backbone.parameters())
     assert apply_freeze_schedule(ddp, 1) is True and not model.backbone_frozen
+
+
+@pytest.mark.parametrize("resize_in_train", [True, False])
+def test_training_images_keep_the_loaders_size_unless_asked(resize_in_train):
+    """The trainer's loader already resized (multi-scale, masks in RLE): with resize_in_train=False
+    the backbone sees training images at their own size; eval mode always resizes to min_size."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config("resnet18_fpn", min_size=32, max_size=48, resize_in_train=resize_in_train), 8, 24)
+    seen = []
+    model.backbone.register_forward_pre_hook(lambda mod, args: seen.append(tuple(args[0].shape[-2:])))
+    img, target = synthetic_image(96, 64, [(8, 8, 40, 60)], [1], [[0]], 24)
+    model.train()
+    model([img], [target])
+    model.eval()
+    with torch.no_grad():
+        model([img])
+    resized = (64, 32)  # 96x64 scaled by min(32/64, 48/96) to 48x32, padded to multiples of 32
+    assert seen[0] == (resized if resize_in_train else (96, 64))
+    assert seen[1] == resized

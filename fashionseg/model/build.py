@@ -74,6 +74,10 @@ class ModelConfig:
     # in training, multi-scale), longer side capped at max_size
     min_size: int | tuple[int, ...] = 800
     max_size: int = 1333
+    # False: in training, images arrive already at the train scale (the fashionseg loader resizes,
+    # multi-scale, masks in the RLE domain) and the model must not resize them a second time;
+    # min_size/max_size then only set the test scale. The trainer sets it to False.
+    resize_in_train: bool = True
     mask_head_hidden: int = 256
     # one size per FPN level for ResNets (5 levels); MobileNet uses all sizes on each of its 3
     anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)
@@ -163,6 +167,19 @@ _INT_FIELDS = ("trainable_backbone_layers", "freeze_backbone_steps", "max_size",
                "box_batch_size_per_image", "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "rpn_pre_nms_top_n_test",
                "rpn_post_nms_top_n_test", "attribute_hidden", "detections_per_img")
 _FLOAT_FIELDS = ("focal_gamma", "focal_alpha", "score_thresh", "nms_thresh", "mask_thresh")
+
+
+class DetectionTransform(GeneralizedRCNNTransform):
+    """torchvision's transform that can leave training images at the size the loader chose."""
+
+    def __init__(self, *args, resize_in_train: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.resize_in_train = resize_in_train
+
+    def resize(self, image, target=None):
+        if self.training and not self.resize_in_train:
+            return image, target
+        return super().resize(image, target)
 
 
 class FashionMaskRCNN(GeneralizedRCNN):
@@ -266,7 +283,8 @@ def build_model(cfg: ModelConfig, num_classes: int, num_attributes: int) -> Fash
         attribute_head=AttributeHead(_REPRESENTATION, cfg.attribute_hidden, num_attributes),
         attribute_loss=AttributeLoss(cfg.attribute_loss, cfg.focal_gamma, cfg.focal_alpha),
     )
-    transform = GeneralizedRCNNTransform(cfg.min_size, cfg.max_size, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    transform = DetectionTransform(cfg.min_size, cfg.max_size, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225],
+                                   resize_in_train=cfg.resize_in_train)
     model = FashionMaskRCNN(
         backbone, rpn, roi_heads, transform,
         num_classes=num_classes, num_attributes=num_attributes, loss_weights=cfg.loss_weights,

@@ -217,7 +217,10 @@ class Trainer:
         self.warmup_iters = default_warmup_iters(t, self.steps_per_epoch)
 
         torch.manual_seed(t.seed)  # identical initial weights on every rank (DDP also broadcasts them)
-        self.model = build_model(cfg.model, self.vocab.num_classes, self.vocab.num_attributes)
+        # the loader resizes training images (multi-scale, data.min_size/max_size): the model's own
+        # transform keeps them as they are and resizes only at test time (model.min_size/max_size)
+        model_cfg = dataclasses.replace(cfg.model, resize_in_train=False)
+        self.model = build_model(model_cfg, self.vocab.num_classes, self.vocab.num_attributes)
         self.optimizer = build_optimizer(t, trainable_parameters(self.model), self.lr)
         self.scheduler = build_scheduler(t, self.optimizer, self.max_steps, self.warmup_iters)
         from fashionseg.train.hard_mining import build_hard_miner
