@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # `make demo`: synthetic data -> shards -> train the light model on the CPU -> COCO AP -> a picture.
-# Everything lands in shards/demo and runs/demo (`make clean` removes them). Measured on the
-# 2-core machine: 5 min 19 s wall (training 300 s); mask AP 0.094, AP50 0.320, box AP 0.172 on the
-# 44 val images (0.082 / 0.275 / 0.153 in an earlier run under heavy load: CPU kernels differ in
-# the last bits between runs unless train.deterministic is on).
+# Everything lands in shards/demo and runs/demo (`make clean` removes them). Measured on the idle
+# 2-core machine: 2 min 5 s wall (training 106 s); mask AP 0.109, AP50 0.373, box AP 0.192 on the
+# 44 val images (docs/benchmarks.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
