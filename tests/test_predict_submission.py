@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from hypothesis import given, settings
+from train_utils import save_random_weights
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -54,17 +54,8 @@ def resized_shards(synth_src, tmp_path_factory):
 @pytest.fixture(scope="module")
 def weights(resized_shards, tmp_path_factory):
     """A randomly initialised light model saved in the trainer's model_final.pth format."""
-    from fashionseg.model.build import ModelConfig, build_model
-
-    vocab = Vocab.from_dict(read_manifest(resized_shards))
-    cfg = ModelConfig(backbone="mobilenet_v3_large_fpn", min_size=64, max_size=96, score_thresh=0.0,
-                      detections_per_img=4, attribute_hidden=0, mask_head_hidden=32, mask_thresh=0.5)
-    torch.manual_seed(0)
-    model = build_model(cfg, vocab.num_classes, vocab.num_attributes)
-    path = tmp_path_factory.mktemp("weights") / "model_final.pth"
-    torch.save({"model": model.state_dict(), "config": {"model": asdict(cfg), "train": {"lr": 0.01}},
-                "categories": vocab.categories, "attributes": vocab.attributes}, path)
-    return path
+    return save_random_weights(resized_shards, tmp_path_factory.mktemp("weights") / "model_final.pth", 4,
+                               extra_config={"train": {"lr": 0.01}})
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import tarfile
-from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from fashionseg.data.rle import decode_coco
 from fashionseg.data.shards.reader import read_manifest
 from fashionseg.data.vocab import Vocab
 from fashionseg.eval import inference as inf
-from train_utils import free_port
+from train_utils import free_port, save_random_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).with_name("accelerate")
@@ -46,17 +45,7 @@ def kaggle_decode(encoded: str, height: int, width: int) -> np.ndarray:
 @pytest.fixture(scope="module")
 def weights(synth_shards, tmp_path_factory):
     """A random light model in the trainer's model_final.pth format (score_thresh 0: 3 dets/image)."""
-    from fashionseg.model.build import ModelConfig, build_model
-
-    vocab = Vocab.from_dict(read_manifest(synth_shards))
-    cfg = ModelConfig(backbone="mobilenet_v3_large_fpn", min_size=64, max_size=96, score_thresh=0.0,
-                      detections_per_img=3, attribute_hidden=0, mask_head_hidden=32, mask_thresh=0.5)
-    torch.manual_seed(0)
-    model = build_model(cfg, vocab.num_classes, vocab.num_attributes)
-    path = tmp_path_factory.mktemp("qa_weights") / "model_final.pth"
-    torch.save({"model": model.state_dict(), "config": {"model": asdict(cfg)},
-                "categories": vocab.categories, "attributes": vocab.attributes}, path)
-    return path
+    return save_random_weights(synth_shards, tmp_path_factory.mktemp("qa_weights") / "model_final.pth", 3)
 
 
 # -- decoding ---------------------------------------------------------------------------------------

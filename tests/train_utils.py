@@ -58,3 +58,22 @@ def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"{len(different)} of {len(a)} tensors differ, e.g. {different[:3]}"
+
+
+def save_random_weights(shard_dir: Path, path: Path, detections_per_img: int, extra_config: dict | None = None) -> Path:
+    """A randomly initialised light model saved in the trainer's model_final.pth format
+    (score_thresh 0, so every image yields `detections_per_img` detections)."""
+    from dataclasses import asdict
+
+    from fashionseg.data.shards.reader import read_manifest
+    from fashionseg.data.vocab import Vocab
+    from fashionseg.model.build import ModelConfig, build_model
+
+    vocab = Vocab.from_dict(read_manifest(shard_dir))
+    cfg = ModelConfig(backbone="mobilenet_v3_large_fpn", min_size=64, max_size=96, score_thresh=0.0,
+                      detections_per_img=detections_per_img, attribute_hidden=0, mask_head_hidden=32, mask_thresh=0.5)
+    torch.manual_seed(0)
+    model = build_model(cfg, vocab.num_classes, vocab.num_attributes)
+    torch.save({"model": model.state_dict(), "config": {"model": asdict(cfg), **(extra_config or {})},
+                "categories": vocab.categories, "attributes": vocab.attributes}, path)
+    return path
