@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from launcher.hosts import Host, HostsFile
+from fashionseg.model.gpu import arch_supported, install_command  # one set of rules, shared with the trainer
 from launcher.plan import host_env, remote_command
 
 PACKAGES = ("torch", "torchvision", "accelerate", "fashionseg", "webdataset", "pycocotools", "numpy")
@@ -174,35 +175,6 @@ def gather_all(hosts: HostsFile, shards: str | None, packages: tuple[str, ...]) 
 # -- verdicts (pure) ---------------------------------------------------------------------------
 def _base_version(v: str | None) -> str | None:
     return v.split("+")[0] if v else v
-
-
-def _gpu_module():
-    try:
-        from fashionseg.model import gpu
-        return gpu
-    except ImportError:  # fashionseg not importable here: the same rules, minimal
-        return None
-
-
-def arch_supported(cap: tuple[int, int], arch_list: list[str]) -> bool:
-    gpu = _gpu_module()
-    if gpu is not None:
-        return gpu.arch_supported(cap, arch_list)
-    for entry in arch_list:
-        kind, _, num = entry.partition("_")
-        if not num[:-1].isdigit():
-            continue
-        arch = (int(num[:-1]), int(num[-1]))
-        if (kind == "sm" and arch[0] == cap[0] and arch[1] <= cap[1]) or (kind == "compute" and arch <= cap):
-            return True
-    return False
-
-
-def install_command(cap: tuple[int, int]) -> str:
-    gpu = _gpu_module()
-    if gpu is not None:
-        return gpu.install_command(cap)
-    return "pip install torch torchvision --index-url https://download.pytorch.org/whl/cu126"
 
 
 def evaluate(hosts: HostsFile, facts: list[dict[str, Any]], min_free_gb: float = 20.0,

@@ -58,6 +58,7 @@ def main() -> int:
             "probe": os.environ.get("LAUNCHER_TEST_PROBE")}
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(info, f)
+    dist.barrier()  # no rank tears gloo down while a peer still talks to it ("terminate called ...")
     dist.destroy_process_group()
     return 0
 

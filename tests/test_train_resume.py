@@ -49,6 +49,7 @@ def test_sigterm_writes_a_checkpoint_and_exits(synth_shards, tmp_path):
     while not metrics(out):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)  # the launcher and torchrun both forward one: still a clean stop
     text, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, text[-2000:]
     assert "stopped by signal SIGTERM" in text
@@ -58,3 +59,16 @@ def test_sigterm_writes_a_checkpoint_and_exits(synth_shards, tmp_path):
     assert 1 <= step < 40 and metrics(out)[-1]["step"] <= step
     state = torch.load(ckpts[0] / "trainer.pth", weights_only=True)
     assert state["step"] == step and len(state["ranks"]) == 1 and "loader" in state["ranks"][0]
+
+
+def test_resume_with_more_steps_follows_the_new_schedule(synth_shards, tmp_path):
+    """`--resume train.max_steps=<more>` extends a cosine run: the LR follows the new length instead
+    of the saved schedule (which would sit at 0 after its old end)."""
+    out = tmp_path / "extend"
+    cosine = ["train.schedule=cosine", "train.warmup_iters=0", "train.checkpoint_every=100"]
+    run(train_cmd(synth_shards, out, "train.max_steps=4", *cosine))
+    run(train_cmd(synth_shards, out, "--resume", "train.max_steps=8", *cosine))
+    lr = {r["step"]: r["lr"] for r in metrics(out) if "lr" in r}
+    assert sorted(lr) == list(range(1, 9))
+    assert all(lr[s] > 0 for s in range(5, 8)), lr
+    assert lr[5] > lr[6] > lr[7]

@@ -283,6 +283,9 @@ class ShardLoader:
                 source = iter(DataLoader(stream, batch_size=None, num_workers=self.cfg.workers, collate_fn=_identity,
                                          prefetch_factor=self.cfg.prefetch_factor, pin_memory=self.cfg.pin_memory,
                                          persistent_workers=False,
+                                         # its own generator: creating the iterator must not draw from the
+                                         # global torch RNG, or a resumed run's RNG would be one draw ahead
+                                         generator=torch.Generator().manual_seed(0),
                                          worker_init_fn=_worker_init if self.cfg.tune_malloc else None))
             pending: dict[int, tuple] = {}
             expected = start

@@ -66,7 +66,6 @@ class EvalConfig:
     every_epochs: int = 1                    # 0 disables evaluation during training
     split: str = "val"
     batch_size: int = 2
-    mask_thresh: float = 0.5
     at_end: bool = True                      # evaluate once more after the last step
     max_images: int | None = None            # evaluate on the first N images only (quick checks)
 

@@ -36,7 +36,7 @@ from fashionseg.train.distributed import (
     available_trackers, build_accelerator, gather_ints, local_batch_size, loss_weight, resolve_precision, resolved_lr,
 )
 from fashionseg.train.logging import RunLogger, truncate_metrics
-from fashionseg.train.schedule import build_optimizer, build_scheduler, default_warmup_iters
+from fashionseg.train.schedule import LRFactor, build_optimizer, build_scheduler, default_warmup_iters
 
 CHECKPOINT_FORMAT = "fashionseg-checkpoint"
 DEBUG_SUBSET = 64  # samples per split in --debug when the config sets no subset
@@ -112,14 +112,9 @@ def run_info(accelerator, opts: RunOptions, batch_sizes: list[int]) -> dict[str,
 
 
 def _flat_numbers(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    out: dict[str, float] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat_numbers(v, key + "/"))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None:
-            out[key] = float(v)
-    return out
+    """The numeric leaves of a nested dict, keys joined with '/'."""
+    return {k: float(v) for k, v in _flat_numbers_any(d, prefix).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _loader_config(data_cfg: Any, local_batch: int, batch_sizes: list[int], debug: bool) -> Any:
@@ -167,6 +162,12 @@ class Trainer:
                               "replayed batches from their keys (set hard_mining.store=keys)")
 
         self.precision = resolve_precision(t.precision)
+        if t.backend == "deepspeed" and self.precision.mixed_precision != "no":
+            # DeepSpeed casts parameters to half but leaves buffers (FrozenBatchNorm) in fp32: the model
+            # cannot run that way (found in review, not yet solved on a GPU)
+            raise ConfigError(f"train.backend=deepspeed runs in fp32 only for now (train.precision resolved to "
+                              f"{self.precision.mixed_precision}): set train.precision=fp32, or use train.backend=ddp "
+                              "for fp16/bf16")
         trackers, missing = available_trackers(list(cfg.log.log_with))
         self.trackers = trackers
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -296,6 +297,12 @@ class Trainer:
         if state["scaler"] is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # the schedule's shape follows this run's config (e.g. `--resume train.max_steps=<more>`),
+        # not the one saved: LambdaLR.load_state_dict overwrites its function's attributes
+        factor = LRFactor(self.tcfg, self.max_steps, self.warmup_iters)
+        self.scheduler.lr_lambdas = [factor] * len(self.scheduler.lr_lambdas)
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * factor(self.scheduler.last_epoch)
         self.step = int(state["step"])
         self.skipped_steps = int(state["skipped_steps"])
         self.consecutive_nonfinite = int(state["consecutive_nonfinite"])
@@ -357,7 +364,6 @@ class Trainer:
         bad = False
         stop = False
         sums: dict[str, float] = {}
-        images_seen = 0
         micro_info = []
         poison = (self.step + 1) in t.debug_nan_steps
         for _ in range(t.accumulate_steps):
@@ -378,7 +384,6 @@ class Trainer:
                         self.optimizer.zero_grad(set_to_none=True)
                     else:
                         self._optimizer_step()
-            images_seen += len(images)
             micro_info.append((keys, local))
         self.step += 1
         if bad:
@@ -389,7 +394,7 @@ class Trainer:
             self.scheduler.step()
         if self._apply_freeze(self.model, self.step) and self.world > 1:
             self.log(f"freeze schedule changed trainable parameters at step {self.step}")
-        return (None if bad else sums), stop, data_time, images_seen * self.world, micro_info
+        return (None if bad else sums), stop, data_time, sum(self.batch_sizes) * t.accumulate_steps, micro_info
 
     def replay(self, epoch: int) -> None:
         """The hard miner's extra optimizer step(s), taken by every rank at the same global step."""
@@ -429,9 +434,12 @@ class Trainer:
     # .. the run ..................................................................................
     def _install_signals(self) -> None:
         def handler(signum, frame):  # noqa: ARG001
-            self.stop_signal = signum
-            signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
-        for s in (signal.SIGTERM, signal.SIGINT):
+            if self.stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C ends the process at once
+            # a repeated SIGTERM (launcher + torchrun both forward one) or a hang-up still lets the
+            # step finish and the checkpoint be written
+            self.stop_signal = self.stop_signal or signum
+        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(s, handler)
 
     def evaluate(self, logger: RunLogger, epoch: int) -> dict[str, float]:
@@ -441,7 +449,7 @@ class Trainer:
         model = self.unwrapped
         model.eval()
         try:
-            result = evaluate_model(model, self.opts.shards, e.split, self.vocab, mask_thresh=e.mask_thresh,
+            result = evaluate_model(model, self.opts.shards, e.split, self.vocab, mask_thresh=self.cfg.model.mask_thresh,
                                     batch_size=e.batch_size, device=self.device, accelerator=self.accelerator,
                                     max_images=e.max_images, progress=self.accelerator.is_main_process and sys.stdout.isatty())
         finally:
@@ -466,6 +474,13 @@ class Trainer:
                                     "or choose another --out")
         resume_from = ckpt_lib.latest_checkpoint(self.run_dir) if opts.resume else None
         acc.wait_for_everyone()
+        if self.world > 1 and opts.resume:
+            from accelerate.utils import gather_object
+            found = gather_object([resume_from.name if resume_from is not None else None])
+            if len(set(found)) > 1:
+                raise TrainingError(
+                    f"--resume: ranks see different latest checkpoints in {self.run_dir} ({found}, by rank): "
+                    "put --out on storage every host shares, or copy the checkpoint to every host's --out")
         if opts.resume and resume_from is None:
             self.log(f"--resume: no checkpoint in {self.run_dir / ckpt_lib.CKPT_DIR}; starting from step 0")
         if resume_from is not None:

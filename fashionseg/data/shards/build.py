@@ -37,7 +37,7 @@ from fashionseg.data.sources import kaggle as kaggle_source
 from fashionseg.data.sources.records import (
     DROP_IMAGE, DROP_INSTANCE, REPAIRED, RawImage, RawInstance, Source, SourceError, problem,
 )
-from fashionseg.io import atomic_open, atomic_write_json
+from fashionseg.io import atomic_open, atomic_write_json, sha256_file
 
 BUILDER_VERSION = 2  # bump when the bytes a shard holds change for the same input (2: 16-bit/float images scaled)
 JPEG_QUALITY = 95  # used only when an image must be re-encoded (resize, repair)
@@ -377,14 +377,6 @@ class ShardWriter:
 
     def abort(self) -> None:
         self._ctx.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_source(cfg: BuildConfig) -> Source:

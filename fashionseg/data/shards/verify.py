@@ -8,7 +8,6 @@ that grid with the stated area and bbox; counts per shard and split match. Reads
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import sys
@@ -21,6 +20,7 @@ from pycocotools import mask as mask_util
 
 from fashionseg.data.shards.manifest import ManifestError
 from fashionseg.data.shards.reader import read_manifest
+from fashionseg.io import sha256_file
 
 
 @dataclass
@@ -81,12 +81,9 @@ def verify_shard(shard_dir: Path, split: str, shard: dict) -> ShardResult:
     size = path.stat().st_size
     if size != shard["bytes"]:
         res.errors.append(f"{size} bytes, manifest says {shard['bytes']}")
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    if h.hexdigest() != shard["sha256"]:
-        res.errors.append(f"sha256 {h.hexdigest()[:12]}... != manifest {shard['sha256'][:12]}...")
+    digest = sha256_file(path)
+    if digest != shard["sha256"]:
+        res.errors.append(f"sha256 {digest[:12]}... != manifest {shard['sha256'][:12]}...")
     listed = shard["samples"]
     try:
         with tarfile.open(path, "r:") as tar:
