@@ -500,6 +500,9 @@ class Trainer:
         try:
             with logger:
                 code = self._loop(logger)
+            # every rank leaves together: a rank that tears gloo down while rank 0 still writes the
+            # final files aborts ("terminate called without an active exception", exit -6)
+            acc.wait_for_everyone()
         finally:
             acc.end_training()
             if torch.distributed.is_initialized():
