@@ -108,7 +108,18 @@ def encode_kaggle(mask: np.ndarray) -> str:
 
 def encode_coco(mask: np.ndarray) -> dict:
     """uint8/bool mask [H, W] -> COCO compressed RLE with a str `counts`."""
-    rle = mask_util.encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))
+    return _json_rle(mask_util.encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8))))
+
+
+def encode_coco_many(masks: np.ndarray) -> list[dict]:
+    """uint8/bool masks [N, H, W] -> COCO compressed RLEs with str `counts` (one pycocotools call)."""
+    if len(masks) == 0:
+        return []
+    stacked = np.asfortranarray(np.asarray(masks, dtype=np.uint8).transpose(1, 2, 0))
+    return [_json_rle(r) for r in mask_util.encode(stacked)]
+
+
+def _json_rle(rle: dict) -> dict:
     return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
 
 

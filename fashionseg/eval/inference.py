@@ -27,8 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from pycocotools import mask as mask_util
 
+from fashionseg.data.rle import encode_coco_many
 from fashionseg.data.vocab import Vocab, VocabError
 
 CHECKPOINT_KEYS = ("model", "config", "categories", "attributes")
@@ -237,14 +237,6 @@ def _to_grid(output: dict, mask_thresh: float, out_size: tuple[int, int] | None,
     return boxes * scale, out
 
 
-def encode_masks(masks: np.ndarray) -> list[dict]:
-    """uint8 [N, H, W] -> COCO compressed RLEs with str counts (one pycocotools call)."""
-    if len(masks) == 0:
-        return []
-    rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
-    return [{"size": [int(r["size"][0]), int(r["size"][1])], "counts": r["counts"].decode("ascii")} for r in rles]
-
-
 def outputs_to_results(output: dict, image_id: int, vocab: Vocab, *, mask_thresh: float, attr_thresh: float = 0.5,
                        out_size: tuple[int, int] | None = None, image_key: str | None = None) -> list[dict]:
     """One image's model output -> COCO result dicts (source category/attribute ids).
@@ -253,7 +245,7 @@ def outputs_to_results(output: dict, image_id: int, vocab: Vocab, *, mask_thresh
     their scores in `attribute_scores`; masks and boxes are on `out_size` (default: as given)."""
     output = {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in output.items()}
     boxes, masks = _to_grid(output, mask_thresh, out_size)
-    rles = encode_masks(masks.numpy())
+    rles = encode_coco_many(masks.numpy())
     labels = output["labels"].tolist()
     scores = output["scores"].float().tolist()
     attr = output.get("attribute_scores")

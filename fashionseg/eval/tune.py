@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pycocotools import mask as mask_util
 from torchvision.ops import batched_nms
 
+from fashionseg.data.rle import encode_coco
 from fashionseg.data.vocab import Vocab
 from fashionseg.eval import coco as coco_lib
 from fashionseg.eval import inference as inf
@@ -62,8 +62,7 @@ class CachedImage:
             m = np.zeros(self.size, np.uint8)
             y0, x0, crop = self.crops[i]
             m[y0 : y0 + crop.shape[0], x0 : x0 + crop.shape[1]] = crop.astype(np.float32) > mask_thresh
-            r = mask_util.encode(np.asfortranarray(m))
-            self._rle[key] = {"size": list(self.size), "counts": r["counts"].decode("ascii")}
+            self._rle[key] = encode_coco(m)
         return self._rle[key]
 
     def results(self, vocab: Vocab, score: float, nms: float, max_dets: int, mask_thresh: float,
