@@ -19,7 +19,6 @@ from __future__ import annotations
 import io
 import math
 import os
-from dataclasses import fields
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -31,78 +30,17 @@ from PIL import Image
 from fashionseg.data.rle import encode_coco_many
 from fashionseg.data.vocab import Vocab, VocabError
 
-CHECKPOINT_KEYS = ("model", "config", "categories", "attributes")
-
-
-class WeightsError(ValueError):
-    """A weights file that cannot be turned into a model (the message names the file and key)."""
+from fashionseg.model.weights_file import WeightsError, load_model  # noqa: E402  (re-exported)
 
 
 # -- weights ------------------------------------------------------------------------------------
 def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """`model_final.pth` (trainer's format) -> (model in eval mode on `device`, Vocab, ModelConfig).
-
-    The file is `{"model": state_dict, "config": {..., "model": ModelConfig fields},
-    "categories": [...], "attributes": [...]}`, read with `weights_only=True`."""
-    from fashionseg.model.build import ModelConfig, build_model
-
-    path = Path(path)
-    if path.is_dir():
-        inside = path / "model_final.pth"
-        hint = f"pass {inside}" if inside.is_file() else "pass the model_final.pth a training run writes in its --out folder"
-        raise WeightsError(f"{path}: is a folder, not a weights file; {hint}")
-    if not path.is_file():
-        raise WeightsError(f"{path}: no such weights file" + ("" if path.parent.exists() else f" (folder {path.parent} does not exist)")
-                           + "; pass the model_final.pth a training run writes in its --out folder")
+    """`model_final.pth` -> (model in eval mode on `device`, Vocab, ModelConfig)."""
+    model, wf, model_cfg = load_model(path, device)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and weights_only errors all mean the same to the user
-        raise WeightsError(f"{path}: cannot read as a torch weights file ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                           "pass the model_final.pth a training run writes in its --out folder") from e
-    if not isinstance(ckpt, dict):
-        raise WeightsError(f"{path}: not a fashionseg checkpoint (a {type(ckpt).__name__}, expected a dict with keys {', '.join(CHECKPOINT_KEYS)})")
-    for key in CHECKPOINT_KEYS:
-        if key not in ckpt:
-            keys = list(map(str, ckpt))
-            has = ", ".join(keys[:6]) + (f", ... ({len(keys)} keys)" if len(keys) > 6 else "") if keys else "nothing"
-            bare = " (a bare state dict?)" if keys and all(torch.is_tensor(v) for v in ckpt.values()) else ""
-            raise WeightsError(f"{path}: not a fashionseg checkpoint: missing key '{key}'{bare}; has {has}. "
-                               "Use the model_final.pth a training run writes")
-    config = ckpt["config"]
-    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-        raise WeightsError(f"{path}: not a fashionseg checkpoint: missing key 'config.model' (the ModelConfig fields)")
-    try:
-        vocab = Vocab(list(ckpt["categories"]), list(ckpt["attributes"]))
+        vocab = Vocab(list(wf.categories), list(wf.attributes))
     except (VocabError, TypeError) as e:
         raise WeightsError(f"{path}: bad 'categories'/'attributes' vocabulary ({e})") from e
-    known = {f.name for f in fields(ModelConfig)}
-    unknown = sorted(set(config["model"]) - known)
-    if unknown:
-        raise WeightsError(f"{path}: config.model has keys this fashionseg does not know: {unknown} (written by a newer version?)")
-    # pretrained weights are already in the state dict; never load (or look for) them again
-    model_cfg = ModelConfig(**{**config["model"], "pretrained": None})
-    model = build_model(model_cfg, num_classes=vocab.num_classes, num_attributes=vocab.num_attributes)
-    state = ckpt["model"]
-    if not isinstance(state, dict):
-        raise WeightsError(f"{path}: 'model' is a {type(state).__name__}, expected a state dict")
-    own = model.state_dict()
-    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-             if k in own and torch.is_tensor(v) and v.shape != own[k].shape]
-    if wrong:
-        raise WeightsError(f"{path}: weights do not fit a {model_cfg.backbone} model with {vocab.num_categories} categories / "
-                           f"{vocab.num_attributes} attributes (file vs model): {'; '.join(wrong[:3])}"
-                           f"{'...' if len(wrong) > 3 else ''}; the vocabulary in the file must be the one it was trained with")
-    result = model.load_state_dict(state, strict=False)
-    # trained from pretrained weights the norm layers were FrozenBatchNorm2d, which has no
-    # num_batches_tracked buffer; BatchNorm2d in eval mode computes the same function
-    missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
-    unexpected = list(result.unexpected_keys)
-    if missing or unexpected:
-        raise WeightsError(f"{path}: weights do not fit a {model_cfg.backbone} model with {vocab.num_categories} categories / "
-                           f"{vocab.num_attributes} attributes: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                           f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
-    model_cfg.pretrained = config["model"].get("pretrained")
-    model.to(device).eval()
     return model, vocab, model_cfg
 
 
