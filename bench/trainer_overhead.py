@@ -2,8 +2,8 @@
 
 Both loops run the same model (built from the same config and seed) on the same decoded batches
 held in memory, so the difference is the trainer's own work per step: the stats all-reduce/sync,
-loss weighting, non-finite check, scheduler, hard-miner hook, MetricLogger, metrics.jsonl and
-progress display. Rounds alternate (bare, trainer, bare, trainer, ...) so machine noise hits both.
+loss weighting, non-finite check, schedule, the hooks (MetricLogger, metrics.jsonl, checkpoint
+cadence, ...). Rounds alternate (bare, trainer, bare, trainer, ...) so machine noise hits both.
 
     python bench/trainer_overhead.py --shards shards/demo [--config configs/debug.yaml] [--steps 20] [--rounds 3]
 
@@ -29,12 +29,13 @@ sys.path.insert(0, str(ROOT))
 
 from fashionseg.model.build import build_model, trainable_parameters  # noqa: E402
 from fashionseg.train import config as config_lib  # noqa: E402
+from fashionseg.train.data_source import FixedBatches  # noqa: E402
 from fashionseg.train.logging import RunLogger  # noqa: E402
 from fashionseg.train.loop import RunOptions, Trainer  # noqa: E402
-from fashionseg.train.schedule import build_optimizer, build_scheduler  # noqa: E402
+from fashionseg.train.schedule import LRFactor, LRSchedule, build_optimizer  # noqa: E402
 
 
-def bare_steps(model, optimizer, scheduler, batches, clip: float | None) -> float:
+def bare_steps(model, optimizer, scheduler: LRSchedule, batches, clip: float | None) -> float:
     """torchvision references/detection/engine.py train_one_epoch, minus its logging (plus the
     same gradient clipping as the trainer when the config asks for it, so both do the same math)."""
     t0 = time.perf_counter()
@@ -66,7 +67,7 @@ def main() -> int:
     total = args.steps * (args.rounds + 1)
     cfg = config_lib.load(args.config, [f"data.shards={args.shards}", "train.deterministic=false", "log.log_with=[]",
                                         "eval.every_epochs=0", "eval.at_end=false", f"train.max_steps={total}",
-                                        f"train.checkpoint_every={10**9}", "log.every=20", "log.rich=false",
+                                        f"train.checkpoint_every={10**6}", "log.every=20", "log.rich=false",
                                         # lr 0: the weights never change, so both loops do exactly the
                                         # same detector work every step (proposal counts, positives, ...)
                                         # and only the loops' own overhead differs
@@ -74,33 +75,30 @@ def main() -> int:
                                         *args.overrides])
     run_dir = Path(tempfile.mkdtemp(prefix="trainer_overhead_"))
     trainer = Trainer(RunOptions(config=cfg, run_dir=run_dir, shards=args.shards))
-    trainer.setup()
-    trainer.loader.set_epoch(0)
-    it = iter(trainer.loader)
-    cached = [next(it) for _ in range(min(args.batches, len(trainer.loader)))]
-    trainer._batches = lambda epoch, fresh: itertools.cycle(cached)
-    trainer._finish = lambda logger, losses: None
-    trainer.save_checkpoint = lambda: None  # checkpoint I/O is a policy (checkpoint_every), not per-step overhead
+    trainer.data = FixedBatches(trainer.loader, min(args.batches, len(trainer.loader)), 1)
+    cached = trainer.data.batches
+    trainer.logger = RunLogger(run_dir, trainer.accelerator, total, rich=False, window=20)
+    trainer.logger.print = lambda text: None  # measure the work, not the terminal
+    trainer.hooks = trainer._hooks()
+    for h in trainer.hooks:
+        h.before_train(trainer)
 
     torch.manual_seed(cfg.train.seed)
-    bare = build_model(cfg.model, trainer.vocab.num_classes, trainer.vocab.num_attributes)
+    bare = build_model(trainer._model_config(), trainer.vocab.num_classes, trainer.vocab.num_attributes)
     bare.train()
-    opt = build_optimizer(cfg.train, trainer_params := trainable_parameters(bare), trainer.lr)
-    del trainer_params
-    sched = build_scheduler(cfg.train, opt, total, trainer.warmup_iters)
+    opt = build_optimizer(cfg.train, trainable_parameters(bare), trainer.peak_lr)
+    sched = LRSchedule(opt, trainer.peak_lr, trainer.schedule.factor)
 
     def bare_round(n: int) -> float:
         return bare_steps(bare, opt, sched, itertools.islice(itertools.cycle(cached), n), cfg.train.clip_grad_norm) / n
 
     def trainer_round(n: int) -> float:
-        trainer.max_steps = trainer.step + n
-        with RunLogger(run_dir, trainer.accelerator, trainer.max_steps, rich=False, window=20) as logger:
-            logger.print = lambda text: None  # measure the work, not the terminal
-            t0 = time.perf_counter()
-            trainer._loop(logger)
-            return (time.perf_counter() - t0) / n
+        t0 = time.perf_counter()
+        for _ in range(n):
+            trainer.run_step()
+        return (time.perf_counter() - t0) / n
 
-    print(f"model {cfg.model.backbone} at {cfg.model.min_size}px, batch {cfg.train.batch_size}, "
+    print(f"model {cfg.model.backbone} at {cfg.data.min_size}px, batch {cfg.train.batch_size}, "
           f"{torch.get_num_threads()} threads, device {trainer.device}")
     bare_round(3), trainer_round(3)  # warm-up (allocator, first-call overheads)
     b, t = [], []

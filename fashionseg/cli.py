@@ -25,10 +25,14 @@ FASHIONSEG_COMMANDS = {
     "tune-thresholds": ("fashionseg.eval.tune", "search post-processing thresholds on val"),
     "report": ("fashionseg.train.report", "PNG of loss terms, lr and AP of a run directory"),
     "average": ("fashionseg.train.average", "average the weights of the last K checkpoints"),
+    "schedule": ("fashionseg.train.schedule", "print (and plot) the learning rate a config gives at each step"),
 }
 
 
 def _dispatch(prog: str, commands: dict[str, tuple[str, str]], argv: list[str] | None) -> int:
+    from fashionseg.console import setup_logging
+
+    setup_logging()
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog=prog)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

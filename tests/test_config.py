@@ -92,3 +92,47 @@ def test_fp16_on_cpu_falls_back_with_one_line():
     assert p.mixed_precision == "no" and "fp32" in p.note and "\n" not in p.note
     assert resolve_precision("auto", cuda=False).mixed_precision == "no"
     assert resolve_precision("fp32", cuda=True).note is None
+
+
+def test_nested_override_at_any_depth():
+    cfg = config_lib.load(ROOT / "configs" / "debug.yaml", ["model.loss_weights.loss_mask=2.0"])
+    assert cfg.model.loss_weights["loss_mask"] == 2.0 and cfg.model.loss_weights["loss_classifier"] == 1.0
+    with pytest.raises(ConfigError, match=r"model.loss_weights.*loss_msk"):
+        config_lib.load(None, ["model.loss_weights.loss_msk=2.0"])   # the component validates its own keys
+    with pytest.raises(ConfigError, match=r"'train.lr' is a value, not a section"):
+        config_lib.load(None, ["train.lr.x=1"])
+    with pytest.raises(ConfigError, match="section.key=value"):
+        config_lib.load(None, ["lr=1"])
+
+
+def test_values_are_checked_where_they_are_defined():
+    with pytest.raises(ConfigError, match="train.checkpoint_every must be >= 1"):
+        config_lib.load(None, ["train.checkpoint_every=0"])
+    with pytest.raises(ConfigError, match="hard_mining.every must be >= 1"):
+        config_lib.load(None, ["hard_mining.every=0"])
+    with pytest.raises(ConfigError, match=r"'log.log_with.0'.*(did you mean 'tensorboard')"):
+        config_lib.load(None, ["log.log_with=[tensorbord]"])
+
+
+def test_a_key_of_a_disabled_component_warns(caplog):
+    with caplog.at_level("WARNING", logger="fashionseg"):
+        cfg = config_lib.load(None, ["hard_mining.every=2"])
+    assert not cfg.hard_mining.enabled and cfg.hard_mining.every == 2
+    assert "hard_mining.every set but hard_mining.enabled is false" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fashionseg"):
+        config_lib.load(None, ["hard_mining.every=2", "hard_mining.enabled=true"])
+    assert caplog.text == ""
+
+
+def test_schedule_command_reproduces_seed_000(capsys, tmp_path):
+    """The seed's log after the scheduler update: lr 0.000102 at iteration 100, 0.000202 at 200,
+    0.000501 at 500 (22812 steps per epoch, warmup 1000 from 1/1000, base lr 0.001)."""
+    from fashionseg.cli import main
+    png = tmp_path / "lr.png"
+    assert main(["schedule", "--config", str(ROOT / "configs" / "seed000.yaml"), "--steps-per-epoch", "22812",
+                 "--png", str(png)]) == 0
+    rows = {int(line.split()[0]): line.split()[2] for line in capsys.readouterr().out.splitlines()
+            if line.strip() and line.split()[0].isdigit()}
+    assert rows[100] == "0.000102" and rows[200] == "0.000202" and rows[500] == "0.000501"
+    assert png.read_bytes()[:4] == b"\x89PNG"

@@ -3,7 +3,7 @@
 1. The miner's protocol in a small DDP run (tests/hard_mining_ddp_worker.py): both ranks replay at
    exactly the same steps (each its own batch, a rank whose batches all exceed the ceiling replays
    a fallback), finish with identical weights, and a resume across a replay is step-exact.
-2. The same through the real trainer (`-m fashionseg.train`), once the loop has integrated the miner.
+2. The same through the real trainer (`-m fashionseg.train`).
 """
 from __future__ import annotations
 
@@ -86,19 +86,6 @@ def test_resume_across_a_replay_is_step_exact(uninterrupted, tmp_path):
 
 
 # -- through the real trainer -----------------------------------------------------------------------
-def trainer_ready() -> str | None:
-    """None when the trainer, the debug config and the synthetic-shard fixture exist and the loop
-    calls the miner; otherwise why the integration test cannot run yet."""
-    loop = ROOT / "fashionseg" / "train" / "loop.py"
-    for p in (loop, ROOT / "fashionseg" / "train" / "entry.py", ROOT / "configs" / "debug.yaml"):
-        if not p.exists():
-            return f"{p.relative_to(ROOT)} does not exist yet"
-    text = loop.read_text()
-    if "build_hard_miner" not in text or ".should_replay(" not in text:
-        return "fashionseg/train/loop.py does not call build_hard_miner/should_replay yet"
-    return None
-
-
 def trainer_args(shards: Path, run: Path) -> list[str]:
     return ["-m", "fashionseg.train", "--config", "configs/debug.yaml", "--shards", str(shards), "--out", str(run),
             "hard_mining.enabled=true", "hard_mining.every=2", "hard_mining.start_after=0", "train.max_steps=4",
@@ -108,9 +95,6 @@ def trainer_args(shards: Path, run: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def trainer_run(synth_shards, tmp_path_factory) -> Path:
-    reason = trainer_ready()
-    if reason is not None:
-        pytest.skip(reason)
     run = tmp_path_factory.mktemp("hm_trainer") / "run"
     launch(trainer_args(synth_shards, run), timeout=540)
     return run

@@ -10,6 +10,7 @@ import torch
 from train_utils import PY, ROOT, accelerate_cmd, metrics, run, train_cmd
 
 WORKER = str(ROOT / "tests" / "train_weighting_worker.py")
+FAULTS = str(ROOT / "tests" / "train_fault_worker.py")
 
 
 def _ranks(out):
@@ -69,3 +70,19 @@ def test_deepspeed_zero2_runs_on_cpu(synth_shards, tmp_path):
     assert (out / "checkpoints" / "step_00000002" / "ds").is_dir()
     final = torch.load(out / "model_final.pth", weights_only=True)["model"]
     assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
+
+
+def test_deepspeed_skipped_step_moves_nothing(synth_shards, tmp_path):
+    """A non-finite step under DeepSpeed is skipped as under DDP: two steps with the second poisoned
+    end with the weights of one step (ZeRO's own overflow check does the skipping)."""
+    pytest.importorskip("deepspeed")
+    ds = ["train.backend=deepspeed", "train.zero_stage=2", "train.checkpoint_every=100"]
+    one, poisoned = tmp_path / "one", tmp_path / "poisoned"
+    run(accelerate_cmd(2, *train_cmd(synth_shards, one, "train.max_steps=1", *ds)[1:]), timeout=500)
+    cmd = train_cmd(synth_shards, poisoned, "train.max_steps=2", *ds)
+    run(accelerate_cmd(2, FAULTS, "--nan-steps", "2", "--", *cmd[3:]), timeout=500)
+    assert [r["skipped_steps"] for r in _ranks(poisoned)] == [1, 1]
+    a = torch.load(one / "model_final.pth", weights_only=True)["model"]
+    b = torch.load(poisoned / "model_final.pth", weights_only=True)["model"]
+    weights = [k for k in a if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert all(torch.equal(a[k], b[k]) for k in weights)

@@ -3,6 +3,7 @@ weights identical (torch.equal) to an uninterrupted run; SIGTERM writes a checkp
 (128 + SIGTERM) at the end of the current step."""
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import time
@@ -11,7 +12,7 @@ import torch
 
 from train_utils import ROOT, assert_identical, env, final_weights, metrics, run, train_cmd
 
-STEPS = ["train.max_steps=7", "train.checkpoint_every=3"]  # 9 steps/epoch: checkpoints at 3, 6 and 7 (end)
+STEPS = ["train.max_steps=7", "train.checkpoint_every=3", "train.record_samples=true"]  # 9 steps/epoch: checkpoints at 3, 6, 7
 
 
 def _wait_for(path, proc, timeout=240):
@@ -39,6 +40,12 @@ def test_sigkill_then_resume_equals_uninterrupted(synth_shards, tmp_path):
     a, b = metrics(full), metrics(killed)
     assert [r["step"] for r in b] == [r["step"] for r in a] == list(range(1, 8))
     assert [r["loss"] for r in b] == [r["loss"] for r in a]
+    # samples.jsonl holds exactly what the finished run trained on: rows past the checkpoint dropped
+    rows = [json.loads(l) for l in (killed / "samples.jsonl").read_text().splitlines()]
+    assert rows == [json.loads(l) for l in (full / "samples.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 8)) and all(len(r["keys"]) == 2 and r["rank"] == 0 for r in rows)
+    seen = [k for r in rows for k in r["keys"]]
+    assert len(seen) == len(set(seen)) == 14  # 7 steps x 2 images, no sample twice within the epoch
 
 
 def test_sigterm_writes_a_checkpoint_and_exits(synth_shards, tmp_path):
@@ -46,7 +53,9 @@ def test_sigterm_writes_a_checkpoint_and_exits(synth_shards, tmp_path):
     proc = subprocess.Popen(train_cmd(synth_shards, out, "train.max_steps=40", "train.checkpoint_every=100"),
                             cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     _wait_for(out / "metrics.jsonl", proc)
-    while not metrics(out):
+    t0 = time.time()
+    while not metrics(out):  # the first row: the run is inside its loop
+        assert proc.poll() is None and time.time() - t0 < 240, "no metrics row within 240 s"
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     proc.send_signal(signal.SIGTERM)  # the launcher and torchrun both forward one: still a clean stop

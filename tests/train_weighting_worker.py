@@ -1,4 +1,4 @@
-"""One optimizer step of the real loop code (Trainer._micro / _optimizer_step, the real batch-size
+"""One optimizer step of the real step code (step.Stepper with the DDP backend, the real batch-size
 exchange and loss weights) on a tiny deterministic model, so the update can be compared exactly
 between ranks with batch sizes {1, 3} and one process with all 4 samples.
 
@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from fashionseg.train import config as config_lib
-from fashionseg.train.distributed import build_accelerator, gather_ints, local_batch_size, loss_weight, resolve_precision
-from fashionseg.train.loop import Trainer
+from fashionseg.train.backend import build_backend
+from fashionseg.train.distributed import Layout, build_accelerator, resolve_precision
+from fashionseg.train.step import Stepper
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +31,7 @@ class Tiny(torch.nn.Module):
 
     def forward(self, images, targets):
         x = torch.stack(images)
-        y = torch.stack([t["y"] for t in targets])
+        y = torch.stack([t["y"] for t in targets]).to(x.device)
         return {"loss_mse": ((self.lin(x).squeeze(1) - y) ** 2).mean()}
 
 
@@ -38,29 +39,23 @@ def main() -> int:
     out = Path(sys.argv[1])
     cfg = config_lib.load(ROOT / "configs" / "debug.yaml", ["train.clip_grad_norm=null", *sys.argv[2:]])
     acc = build_accelerator(cfg.train, [], str(out), resolve_precision("fp32"))
-    t = Trainer.__new__(Trainer)
-    t.tcfg, t.accelerator, t.miner, t.stop_signal = cfg.train, acc, None, None
-    t.rank, t.world, t.device = acc.process_index, acc.num_processes, acc.device
-    t.local_batch = local_batch_size(cfg.train, t.rank, t.world, acc.local_process_index)
-    t.batch_sizes = gather_ints(t.local_batch, t.world)
-    t.weight = loss_weight(t.batch_sizes, t.rank)
+    layout = Layout.build(cfg.train, acc)
     torch.manual_seed(0)
-    model = Tiny()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    t.model, t.optimizer = acc.prepare(model, opt)
+    tiny = Tiny()
+    model, opt = acc.prepare(tiny, torch.optim.SGD(tiny.parameters(), lr=0.1))
+    stepper = Stepper(model, build_backend(acc, model, opt, cfg.train), acc.device,
+                      layout.loss_weight, layout.world, lambda: False)
     g = torch.Generator().manual_seed(1)
     xs, ys = torch.randn(4, 3, generator=g), torch.randn(4, generator=g) * 3
-    start = sum(t.batch_sizes[: t.rank])
-    mine = range(start, start + t.local_batch)
-    images, targets = [xs[i] for i in mine], [{"y": ys[i]} for i in mine]
-    with acc.accumulate(t.model):
-        losses, nonfinite, _, _ = t._micro(images, targets, poison=False)
-        t._optimizer_step()
-    assert not nonfinite
+    start = sum(layout.batch_sizes[: layout.rank])
+    mine = range(start, start + layout.local_batch)
+    batch = ([xs[i] for i in mine], [{"y": ys[i], "key": str(i)} for i in mine])
+    out_step = stepper(iter([batch]), 1)
+    assert not out_step.skipped and out_step.images == 4
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        torch.save({k: v.detach().cpu() for k, v in acc.unwrap_model(t.model).state_dict().items()}, out / "weights.pt")
-        (out / "info.json").write_text(json.dumps({"batch_sizes": t.batch_sizes, "loss": losses["loss"]}))
+        torch.save({k: v.detach().cpu() for k, v in acc.unwrap_model(model).state_dict().items()}, out / "weights.pt")
+        (out / "info.json").write_text(json.dumps({"batch_sizes": layout.batch_sizes, "loss": out_step.losses["loss"]}))
     acc.wait_for_everyone()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

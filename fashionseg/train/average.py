@@ -1,10 +1,9 @@
 """`fashionseg average RUN_DIR --last K --out W`: the mean of the last K checkpoints' weights
-(seed 004's checkpoint averaging), written as a `model_final.pth`-style file.
+(checkpoint averaging, as Kaggle write-ups use), written as a weights file like model_final.pth.
 
 Floating-point tensors are averaged in float64 and cast back; integer buffers (BatchNorm's
 `num_batches_tracked`) are taken from the newest checkpoint. BatchNorm running statistics are
 averaged like weights, the usual practice for detection models with frozen or few BN layers.
-DeepSpeed checkpoints are read through the model weights written beside them.
 """
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from fashionseg.io import atomic_open
+from fashionseg.model.weights_file import WeightsFile, save_weights
 from fashionseg.train import checkpoint as ckpt_lib
 
 
@@ -23,21 +22,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="output weights (default: RUN_DIR/model_avg.pth)")
 
 
+def model_state(path: Path, state: dict) -> dict[str, torch.Tensor]:
+    model = state["parts"].get("model")
+    if model is None:
+        raise ValueError(f"{path}: no model weights in trainer.pth (a DeepSpeed checkpoint keeps them sharded in ds/): "
+                         "convert with DeepSpeed's zero_to_fp32.py first")
+    return model
+
+
 def average_checkpoints(paths: list[Path]) -> dict[str, torch.Tensor]:
-    states = [ckpt_lib.load_trainer_state(p) for p in paths]
-    for p, s in zip(paths, states):
-        if "model" not in s:
-            raise ValueError(f"{p}: no model weights in trainer.pth (a DeepSpeed checkpoint): average its "
-                             "model_final.pth files or convert with zero_to_fp32 first")
-    newest = states[-1]["model"]
+    states = [model_state(p, ckpt_lib.read(p)) for p in paths]
+    newest = states[-1]
     out = {}
     for k, v in newest.items():
         if v.is_floating_point():
             acc = torch.zeros_like(v, dtype=torch.float64)
             for s in states:
-                if s["model"][k].shape != v.shape:
+                if s[k].shape != v.shape:
                     raise ValueError(f"checkpoints disagree on the shape of '{k}'")
-                acc += s["model"][k].double()
+                acc += s[k].double()
             out[k] = (acc / len(states)).to(v.dtype)
         else:
             out[k] = v.clone()
@@ -58,19 +61,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: only {len(chosen)} checkpoint(s) kept (train.keep_checkpoints); averaging those")
     try:
         model = average_checkpoints(chosen)
-    except ValueError as e:
+        meta = ckpt_lib.read(chosen[-1])["meta"]
+    except (ValueError, ckpt_lib.CheckpointError) as e:
         print(f"error: {e}")
         return 1
-    newest = ckpt_lib.load_trainer_state(chosen[-1])
-    final = {"model": model, "config": newest["config"], "averaged": [p.name for p in chosen]}
-    src_final = run_dir / "model_final.pth"
-    if src_final.exists():  # vocabularies come from the run's own final file when it has one
-        f = torch.load(src_final, map_location="cpu", weights_only=True)
-        final["categories"], final["attributes"] = f.get("categories"), f.get("attributes")
-    elif "vocab" in newest:
-        final["categories"], final["attributes"] = newest["vocab"]["categories"], newest["vocab"]["attributes"]
     out = Path(args.out) if args.out else run_dir / "model_avg.pth"
-    with atomic_open(out, "wb") as f:
-        torch.save(final, f)
+    vocab = meta["vocab"]
+    save_weights(out, WeightsFile(model, meta["config"], vocab["categories"], vocab["attributes"],
+                                  {"averaged": [p.name for p in chosen]}))
     print(f"averaged {', '.join(p.name for p in chosen)} -> {out}")
     return 0

@@ -8,15 +8,15 @@ Mask R-CNN's terms are exactly such means).
 """
 from __future__ import annotations
 
+import datetime
 import importlib.util
 import os
 from dataclasses import dataclass
 
 import torch
 
+from fashionseg.names import LOCAL_BATCH_ENV
 from fashionseg.train.config import ConfigError, TrainConfig
-
-LOCAL_BATCH_ENV = "FASHIONSEG_LOCAL_BATCH_SIZES"
 
 
 def local_batch_size(cfg: TrainConfig, rank: int, world_size: int, local_rank: int) -> int:
@@ -57,11 +57,44 @@ def loss_weight(batch_sizes: list[int], rank: int) -> float:
 
 def resolved_lr(cfg: TrainConfig, global_batch: int) -> tuple[float, str]:
     """(learning rate, how it was obtained). `auto` is the linear scaling rule (Goyal et al.):
-    base_lr x global_batch / base_batch, as seed 000's 0.02 x batch / 16."""
+    base_lr x global_batch / base_batch, as torchvision's reference recipe 0.02 x batch / 16."""
     if cfg.lr == "auto":
         lr = cfg.base_lr * global_batch / cfg.base_batch
         return lr, f"auto: {cfg.base_lr:g} x {global_batch}/{cfg.base_batch}"
     return float(cfg.lr), "fixed"
+
+
+@dataclass
+class Layout:
+    """This process's place in the job: rank, world size and every rank's batch size."""
+
+    rank: int
+    world: int
+    local_batch: int
+    batch_sizes: list[int]
+    accumulate_steps: int
+
+    @classmethod
+    def build(cls, cfg: TrainConfig, accelerator) -> "Layout":
+        rank, world = accelerator.process_index, accelerator.num_processes
+        env_world = int(os.environ.get("WORLD_SIZE", "1"))
+        if env_world != world:
+            raise ConfigError(f"the launcher started {env_world} processes (WORLD_SIZE) but Accelerate formed a group of "
+                              f"{world}: every rank would train its own model. Check ACCELERATE_USE_CPU / the "
+                              "accelerate config on this host")
+        local = local_batch_size(cfg, rank, world, accelerator.local_process_index)
+        return cls(rank, world, local, gather_ints(local, world), cfg.accumulate_steps)
+
+    @property
+    def global_batch(self) -> int:
+        return sum(self.batch_sizes) * self.accumulate_steps
+
+    @property
+    def loss_weight(self) -> float:
+        return loss_weight(self.batch_sizes, self.rank)
+
+    def lr(self, cfg: TrainConfig) -> tuple[float, str]:
+        return resolved_lr(cfg, self.global_batch)
 
 
 @dataclass
@@ -109,21 +142,24 @@ def build_accelerator(cfg: TrainConfig, log_with: list[str], project_dir: str, p
         from accelerate.utils import DeepSpeedPlugin
         plugin = DeepSpeedPlugin(
             zero_stage=cfg.zero_stage,
-            gradient_accumulation_steps=cfg.accumulate_steps,
+            gradient_accumulation_steps=cfg.accumulate_steps,  # the engine's bookkeeping; step.py divides the loss
             gradient_clipping=cfg.clip_grad_norm if cfg.clip_grad_norm else 0.0,
         )
-    handlers: list = [DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)]
-    if plugin is not None and not torch.cuda.is_available():
-        # DeepSpeed on CPU: accelerate has no backend for it (its CPU path disables DeepSpeed) and
-        # DeepSpeed's CPU default is oneCCL, not installed here; gloo works for ZeRO-1/2's collectives
-        from accelerate.utils import InitProcessGroupKwargs
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    from accelerate.utils import InitProcessGroupKwargs
+
+    # a dead peer inside a collective ends the run after collective_timeout_s instead of never
+    timeout = datetime.timedelta(seconds=cfg.collective_timeout_s)
+    # DeepSpeed on CPU: accelerate has no backend for it (its CPU path disables DeepSpeed) and
+    # DeepSpeed's CPU default is oneCCL, not installed here; gloo works for ZeRO-1/2's collectives
+    backend = "gloo" if plugin is not None and not torch.cuda.is_available() else None
+    handlers: list = [DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters),
+                      InitProcessGroupKwargs(backend=backend, timeout=timeout)]
     return Accelerator(
         # `--multi_gpu`/torchrun without a GPU: DDP over gloo, one process per rank (accelerate disables
         # DeepSpeed when cpu=True, so DeepSpeed runs go through its own CPU accelerator)
         cpu=not torch.cuda.is_available() and cfg.backend != "deepspeed",
         mixed_precision=precision.mixed_precision,
-        gradient_accumulation_steps=cfg.accumulate_steps,
+        gradient_accumulation_steps=1,  # the step accumulates itself (step.py), replays included
         log_with=log_with or None,
         project_config=ProjectConfiguration(project_dir=project_dir, logging_dir=project_dir),
         deepspeed_plugin=plugin,

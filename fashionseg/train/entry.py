@@ -1,4 +1,4 @@
-"""`fashionseg train`: argument parsing only; the loop lives in loop.py.
+"""`fashionseg train`: argument parsing only; the trainer lives in loop.py.
 
 The same entry runs in one process, under `accelerate launch [args] -m fashionseg.train ...` and
 under `torchrun ... -m fashionseg.train ...` (the launcher): Accelerator reads the environment.
@@ -23,12 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train on K fixed batches; exit non-zero unless the loss falls by at least half")
     parser.add_argument("--detect-anomaly", action="store_true", help="torch.autograd anomaly detection (slow)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted config overrides, e.g. train.lr=0.01 train.batch_sizes=[2,2,4]")
+                        help="dotted config overrides at any depth, e.g. train.lr=0.01 train.batch_sizes=[2,2,4] "
+                             "model.loss_weights.loss_mask=2.0")
 
 
 def run(args: argparse.Namespace) -> int:
     from fashionseg.train import config as config_lib
-    from fashionseg.train.loop import RunOptions, TrainingError, train
 
     overrides = list(args.overrides)
     if args.max_steps is not None:
@@ -48,17 +48,20 @@ def run(args: argparse.Namespace) -> int:
         os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
     if not _cuda_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's own probe would warn on every rank
-    run_dir = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-    opts = RunOptions(config=cfg, run_dir=run_dir, shards=cfg.shards, resume=args.resume, debug=args.debug,
-                      overfit_batches=args.overfit_batches, detect_anomaly=args.detect_anomaly,
-                      argv=list(sys.argv))
     from fashionseg.data.loader import LoaderStateError
     from fashionseg.data.plan import PlanError
     from fashionseg.data.shards.manifest import ManifestError
     from fashionseg.model.gpu import GPUCompatibilityError
+    from fashionseg.train.checkpoint import CheckpointError
+    from fashionseg.train.loop import RunOptions, TrainingError, train
+
+    run_dir = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    opts = RunOptions(config=cfg, run_dir=run_dir, shards=cfg.shards, resume=args.resume, debug=args.debug,
+                      overfit_batches=args.overfit_batches, detect_anomaly=args.detect_anomaly, argv=list(sys.argv))
     try:
         return train(opts)
-    except (TrainingError, config_lib.ConfigError, GPUCompatibilityError, LoaderStateError, PlanError, ManifestError) as e:
+    except (TrainingError, CheckpointError, config_lib.ConfigError, GPUCompatibilityError, LoaderStateError, PlanError,
+            ManifestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
@@ -69,6 +72,8 @@ def _cuda_available() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fashionseg.console import setup_logging
+    setup_logging()
     parser = argparse.ArgumentParser(prog="fashionseg train", description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run(parser.parse_intermixed_args(argv))  # options may follow key=value overrides

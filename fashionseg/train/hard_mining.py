@@ -1,10 +1,10 @@
 """Hard-example replay: remember the highest-loss batches, take an extra optimizer step on them.
 
-Seed 002's recipe (kaggle_carvana_segmentation), made safe for DDP and for resume:
+Online hard-example replay (the Kaggle Carvana winners' trick), made safe for DDP and for resume:
 
 - Each rank keeps, on the CPU, the `top_k` batches with the highest loss it has seen since the
-  last replay: sample keys and the batch's epoch (plus the encoded sample bytes with
-  `store="keys+bytes"`), never decoded tensors, so memory is a few hundred bytes per batch.
+  last replay: sample keys and the batch's epoch, never decoded tensors, so memory is a few
+  hundred bytes per batch.
   The replay re-decodes the batch with the loader's `load_batch(keys, epoch)`, which applies the
   same augmentation (it is seeded from (seed, epoch, key)).
 - The trigger `should_replay(step)` is a pure function of the global optimizer step and the
@@ -37,10 +37,9 @@ The loop's side (docs/design.md, "Trainer <-> hard miner")::
 """
 from __future__ import annotations
 
-import base64
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator, Literal, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 STATE_VERSION = 1
 # Config fields that decide *when* replays happen or how they count in the LR schedule: a resume
@@ -59,7 +58,6 @@ class HardMiningConfig:
     loss: str = "total"                 # "total" or one loss term, e.g. "loss_mask"
     max_loss: float | None = None       # ceiling: batches above it are never stored (label noise)
     count_in_schedule: bool = False     # do replay steps advance the LR scheduler? (see module doc)
-    store: Literal["keys", "keys+bytes"] = "keys"  # what is kept per sample (never decoded tensors)
 
     def __post_init__(self) -> None:
         if self.every < 1:
@@ -70,8 +68,6 @@ class HardMiningConfig:
             raise ValueError(f"hard_mining.start_after must be >= 0 or null, got {self.start_after}")
         if self.max_loss is not None and not (self.max_loss > 0 and math.isfinite(self.max_loss)):
             raise ValueError(f"hard_mining.max_loss must be a positive finite number or null, got {self.max_loss}")
-        if self.store not in ("keys", "keys+bytes"):
-            raise ValueError(f"hard_mining.store must be 'keys' or 'keys+bytes', got {self.store!r}")
         if not self.loss:
             raise ValueError("hard_mining.loss must be 'total' or a loss term name such as 'loss_mask'")
 
@@ -84,7 +80,6 @@ class Replay:
     epoch: int
     loss: float                         # the loss it had when observed (nan for a fallback never scored)
     step: int                           # the data step at which it was observed
-    encoded: list[bytes] | None = None  # the samples' encoded bytes with store="keys+bytes"
     fallback: bool = False              # True: not a mined batch, replayed only to keep ranks in step
 
     def __iter__(self) -> Iterator[Any]:
@@ -97,22 +92,18 @@ class _Batch:
     keys: list[str]
     epoch: int
     loss: float
-    encoded: list[bytes] | None
 
     @property
     def nbytes(self) -> int:
-        n = sum(len(k.encode("utf-8")) for k in self.keys)
-        return n + (sum(len(b) for b in self.encoded) if self.encoded is not None else 0)
+        return sum(len(k.encode("utf-8")) for k in self.keys)
 
     def to_plain(self) -> dict[str, Any]:
-        enc = None if self.encoded is None else [base64.b64encode(b).decode("ascii") for b in self.encoded]
         loss = self.loss if math.isfinite(self.loss) else repr(self.loss)  # JSON has no nan/inf
-        return {"step": self.step, "keys": list(self.keys), "epoch": self.epoch, "loss": loss, "encoded": enc}
+        return {"step": self.step, "keys": list(self.keys), "epoch": self.epoch, "loss": loss}
 
     @classmethod
     def from_plain(cls, d: Mapping[str, Any]) -> "_Batch":
-        enc = None if d.get("encoded") is None else [base64.b64decode(s) for s in d["encoded"]]
-        return cls(int(d["step"]), [str(k) for k in d["keys"]], int(d["epoch"]), float(d["loss"]), enc)
+        return cls(int(d["step"]), [str(k) for k in d["keys"]], int(d["epoch"]), float(d["loss"]))
 
 
 class HardMiner:
@@ -163,25 +154,14 @@ class HardMiner:
                            f"(terms: {', '.join(sorted(losses))}); set hard_mining.loss to one of them or 'total'")
         return float(losses[name])
 
-    def observe(self, step: int, keys: Sequence[str], epoch: int, losses: Mapping[str, Any],
-                encoded: Sequence[bytes] | None = None) -> None:
+    def observe(self, step: int, keys: Sequence[str], epoch: int, losses: Mapping[str, Any]) -> None:
         """Record the batch of data step `step` (its sample keys, epoch and loss terms), after its
-        optimizer step. `encoded` (one bytes object per sample, e.g. its tar members) is needed
-        with store="keys+bytes" and ignored with store="keys"."""
+        optimizer step."""
         if self._pops_since_observe:  # the last trigger is over: a new window starts
             self._window.clear()
             self._pops_since_observe = 0
-        if self.cfg.store == "keys+bytes":
-            if encoded is None:
-                raise ValueError("hard_mining.store='keys+bytes' needs observe(..., encoded=[bytes per sample]); "
-                                 "pass the samples' encoded bytes or set hard_mining.store=keys")
-            if len(encoded) != len(keys):
-                raise ValueError(f"observe(): {len(keys)} keys but {len(encoded)} encoded samples at step {step}")
-            enc: list[bytes] | None = [bytes(b) for b in encoded]
-        else:
-            enc = None
         loss = self.score(losses)
-        batch = _Batch(int(step), [str(k) for k in keys], int(epoch), loss, enc)
+        batch = _Batch(int(step), [str(k) for k in keys], int(epoch), loss)
         self._stats["observed"] += 1
         self._recent = batch
         if not math.isfinite(loss):
@@ -216,8 +196,7 @@ class HardMiner:
             self._stats["fallback_replays"] += 1
         self._stats["last_replay_step"] = self._recent.step
         self._stats["last_mined_loss"] = b.loss
-        return Replay(list(b.keys), b.epoch, b.loss, b.step,
-                      None if b.encoded is None else list(b.encoded), fallback)
+        return Replay(list(b.keys), b.epoch, b.loss, b.step, fallback)
 
     def record_replay(self, loss_before: float | Mapping[str, Any], loss_after: float | Mapping[str, Any] | None = None) -> None:
         """Log the replayed batch's loss in the replay step's forward (before its update) and, when
@@ -275,9 +254,6 @@ class HardMiner:
                     f"cannot resume: hard_mining.{key} was {saved[key]!r} in the checkpoint and is {now[key]!r} now; "
                     f"it decides when replays happen and how they count in the LR schedule, so the run would not "
                     f"continue step-exactly. Resume with hard_mining.{key}={saved[key]!r} or start a new run")
-        if saved["store"] != self.cfg.store:
-            raise ValueError(f"cannot resume: hard_mining.store was {saved['store']!r} and is {self.cfg.store!r} now; "
-                             f"resume with hard_mining.store={saved['store']}")
         self._window = [_Batch.from_plain(d) for d in state["window"]][: self.cfg.top_k]
         self._recent = None if state["recent"] is None else _Batch.from_plain(state["recent"])
         self._recent_ok = None if state["recent_ok"] is None else _Batch.from_plain(state["recent_ok"])

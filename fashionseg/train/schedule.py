@@ -1,13 +1,16 @@
-"""Optimizer and learning-rate schedule built from `TrainConfig`.
+"""Optimizer and learning-rate schedule built from `TrainConfig`, and `fashionseg schedule`.
 
-The schedule is a `LambdaLR` (a component with `state_dict()`), stepped once per optimizer step
-that was actually taken: linear warmup from `warmup_factor` (seed 000: 1/1000 over
-min(1000, steps_per_epoch - 1) iterations, torchvision's reference), then multistep decay at
+The schedule saves only its position (optimizer steps taken that count in the schedule); the LR
+is recomputed from the *current* config at every step, so `--resume train.max_steps=<more>` follows
+the new schedule. Shape: linear warmup from `warmup_factor` over `warmup_iters` (default
+min(1000, steps_per_epoch - 1), torchvision's detection reference), then multistep decay at
 fractions of the run or a cosine to `min_lr_factor`.
 """
 from __future__ import annotations
 
+import argparse
 import math
+from typing import Any
 
 import torch
 
@@ -33,7 +36,7 @@ def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], lr: floa
 
 
 class LRFactor:
-    """lr(step) / peak lr: a pure function of the optimizer step, so resume is exact."""
+    """lr(step) / peak lr: a pure function of the schedule position."""
 
     def __init__(self, cfg: TrainConfig, total_steps: int, warmup_iters: int) -> None:
         self.schedule = cfg.schedule
@@ -57,6 +60,93 @@ class LRFactor:
         return warm
 
 
-def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int,
-                    warmup_iters: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, LRFactor(cfg, total_steps, warmup_iters))
+class LRSchedule:
+    """Sets the optimizer's LR to peak x LRFactor(position). Stateful: only the position is saved."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, peak_lr: float, factor: LRFactor) -> None:
+        self.optimizer, self.peak_lr, self.factor = optimizer, peak_lr, factor
+        self.position = 0
+        self._apply()
+
+    def lr(self) -> float:
+        return self.peak_lr * self.factor(self.position)
+
+    def _apply(self) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr()
+
+    def step(self) -> None:
+        self.position += 1
+        self._apply()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.position = int(state["position"])
+        self._apply()
+
+
+# -- `fashionseg schedule` -------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="run config YAML")
+    p.add_argument("--steps-per-epoch", type=int, required=True, metavar="N",
+                   help="optimizer steps per epoch of the run (see `shard plan`)")
+    p.add_argument("--global-batch", type=int, default=None,
+                   help="images per optimizer step for lr: auto (default: train.batch_sizes' sum, else train.batch_size x accumulate)")
+    p.add_argument("--png", default=None, help="also plot the LR over the run into this PNG")
+    p.add_argument("--every", type=int, default=None, help="print every K-th step (default: about 20 rows)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print (and plot) the LR a run will use at each step, before anyone spends a night on it.
+
+    `iter` is the 0-based iteration torchvision's reference logs ("[100/22812]"); its `lr` is the
+    value after that iteration's scheduler update, as the reference and metrics.jsonl log it."""
+    import sys
+
+    from fashionseg.train import config as config_lib
+    from fashionseg.train.distributed import resolved_lr
+
+    try:
+        cfg = config_lib.load(args.config, args.overrides)
+    except config_lib.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    t = cfg.train
+    if args.steps_per_epoch < 1:
+        print("error: --steps-per-epoch must be >= 1", file=sys.stderr)
+        return 2
+    batch = args.global_batch or (sum(t.batch_sizes) if t.batch_sizes else t.batch_size) * t.accumulate_steps
+    peak, how = resolved_lr(t, batch)
+    total = t.max_steps if t.max_steps is not None else t.epochs * args.steps_per_epoch
+    warmup = default_warmup_iters(t, args.steps_per_epoch)
+    factor = LRFactor(t, total, warmup)
+    lrs = [peak * factor(s) for s in range(1, total + 1)]  # lr after step s's update
+    every = args.every or max(1, total // 20)
+    print(f"peak lr {peak:.6g} ({how}); warmup {warmup} steps from x{t.warmup_factor:g}; {t.schedule} over {total} steps "
+          f"({total / args.steps_per_epoch:.2f} epochs of {args.steps_per_epoch})")
+    print(f"{'iter':>8} {'epoch':>6} {'lr':>12}")
+    shown = sorted({i for i in range(0, total, every)} | {0, min(100, total - 1), min(200, total - 1),
+                                                          min(500, total - 1), max(warmup - 1, 0), total - 1})
+    for i in shown:
+        print(f"{i:>8} {i // args.steps_per_epoch:>6} {lrs[i]:>12.6f}")
+    if args.png:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        from fashionseg.io import atomic_open
+
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        ax.plot(range(total), lrs)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("lr")
+        ax.set_title(f"{args.config}: {t.schedule}, warmup {warmup}")
+        fig.tight_layout()
+        with atomic_open(args.png, "wb") as f:
+            fig.savefig(f, format="png")
+        plt.close(fig)
+        print(f"plot: {args.png}")
+    return 0
