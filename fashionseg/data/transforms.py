@@ -48,6 +48,9 @@ class SampleError(ValueError):
     """A sample whose image or annotation cannot be decoded (the message names the key)."""
 
 
+SHARD_HINT = "; run `shard verify`"
+
+
 # -- RLE ----------------------------------------------------------------------------------------
 def _segmented_cumsum(x: np.ndarray, first: np.ndarray) -> np.ndarray:
     """Cumulative sum of x restarting wherever `first` is True."""
@@ -241,7 +244,8 @@ def apply_jitter(img: torch.Tensor, factors: tuple[float, float, float]) -> torc
     return x.clamp_(0, 255.49).to(torch.uint8)
 
 
-def decode_reduced(key: str, jpg: bytes, h: int, w: int, oh: int, ow: int) -> torch.Tensor | None:
+def decode_reduced(where: str, jpg: bytes, h: int, w: int, oh: int, ow: int, hint: str = "",
+                   stated: str = "its json says") -> torch.Tensor | None:
     """JPEG decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (libjpeg's scaling, via PIL's
     `draft`), never below the output size: for a shrink by 2x or more this skips most of the
     decode. None when the bytes are not a JPEG (the caller decodes them in full)."""
@@ -254,10 +258,47 @@ def decode_reduced(key: str, jpg: bytes, h: int, w: int, oh: int, ow: int) -> to
             im.draft("RGB", (ow, oh))
             arr = np.asarray(im.convert("RGB"))
     except (OSError, ValueError, SyntaxError) as e:
-        raise SampleError(f"sample '{key}': cannot decode the image ({e}); run `shard verify`") from e
+        raise SampleError(f"{where}: cannot decode the image ({e}){hint}") from e
     if size != (w, h):
-        raise SampleError(f"sample '{key}': image is {size[0]}x{size[1]}, its json says {w}x{h}; run `shard verify`")
+        raise SampleError(f"{where}: image is {size[0]}x{size[1]}, {stated} {w}x{h}{hint}")
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # one copy, writable
+
+
+def decode_rgb(where: str, data: bytes, hint: str = "") -> torch.Tensor:
+    """Image bytes -> uint8 [3, H, W] on the file's own pixel grid (no EXIF rotation, the grid
+    Kaggle's Height/Width and the shards use). torchvision's decoder (libjpeg-turbo, PNG, WebP,
+    GIF), PIL for what it cannot read (BMP, TIFF, ...); 16-bit images scaled to 8 bits."""
+    if len(data) == 0:
+        raise SampleError(f"{where}: empty file (0 bytes), not an image{hint}")
+    try:
+        img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError) as e:
+        try:
+            pil = Image.open(io.BytesIO(data))
+            pil.load()  # truncated data fails here, not later
+            return torch.from_numpy(np.ascontiguousarray(np.asarray(pil.convert("RGB")).transpose(2, 0, 1)))
+        except Exception:  # PIL raises many types for corrupt data: report torchvision's reason
+            raise SampleError(f"{where}: cannot decode the image ({e}){hint}") from e
+    if img.dtype != torch.uint8:
+        img = F.to_dtype(img, torch.uint8, scale=True)
+    return img
+
+
+def decode_resized(where: str, data: bytes, size: tuple[int, int], out: tuple[int, int], hint: str = "",
+                   stated: str = "its json says") -> torch.Tensor:
+    """Image bytes whose stated size is `size` (h, w) -> uint8 [3, oh, ow]: the one decode-and-
+    resize of the project, used by training (SampleTransform), eval (eval_source) and predict.
+    A shrink by 2x or more decodes at reduced scale first (`decode_reduced`); the last step is
+    torchvision's uint8 bilinear resize with antialias."""
+    (h, w), (oh, ow) = size, out
+    img = decode_reduced(where, data, h, w, oh, ow, hint, stated) if 2 * oh <= h and 2 * ow <= w else None
+    if img is None:
+        img = decode_rgb(where, data, hint)
+        if tuple(img.shape[1:]) != (h, w):
+            raise SampleError(f"{where}: image is {img.shape[2]}x{img.shape[1]}, {stated} {w}x{h}{hint}")
+    if tuple(img.shape[1:]) != (oh, ow):
+        img = F.resize(img, [oh, ow], interpolation=F.InterpolationMode.BILINEAR, antialias=True)
+    return img
 
 
 # -- the transform -------------------------------------------------------------------------------
@@ -296,16 +337,7 @@ class SampleTransform:
         p = self.params(epoch, key)
         h, w = int(meta["height"]), int(meta["width"])
         oh, ow = output_size(h, w, p.min_size, self.max_size)
-        img = decode_reduced(key, jpg, h, w, oh, ow) if 2 * oh <= h and 2 * ow <= w else None
-        if img is None:
-            try:
-                img = decode_image(torch.frombuffer(bytearray(jpg), dtype=torch.uint8), mode=ImageReadMode.RGB)
-            except RuntimeError as e:
-                raise SampleError(f"sample '{key}': cannot decode the image ({e}); run `shard verify`") from e
-            if tuple(img.shape[1:]) != (h, w):
-                raise SampleError(f"sample '{key}': image is {img.shape[2]}x{img.shape[1]}, its json says {w}x{h}; run `shard verify`")
-        if tuple(img.shape[1:]) != (oh, ow):
-            img = F.resize(img, [oh, ow], interpolation=F.InterpolationMode.BILINEAR, antialias=True)
+        img = decode_resized(f"sample '{key}'", jpg, (h, w), (oh, ow), SHARD_HINT)
         if p.flip:
             img = img.flip(-1)
         if p.jitter is not None:
