@@ -4,7 +4,10 @@ Why it is built this way (figures in bench/loader.py):
 - JPEG: `torchvision.io.decode_image` (libjpeg-turbo) then torchvision's uint8 bilinear resize
   (antialiased, vectorised): measured faster than PIL decode + PIL resize. When the image
   shrinks by 2x or more, PIL's `draft` decodes it at 1/2..1/8 scale in the DCT domain first
-  (torchvision's decoder cannot), which skips most of the decode of large originals.
+  (torchvision's decoder cannot), which skips most of the decode of large originals. This is
+  `decode_resized`, the one decode-and-resize: eval and predict (data/eval_source.py) use it too.
+- Images stay uint8 to the model, which converts them on its device (float()/255 + its
+  normalisation): a quarter of the bytes through the loader, pinned memory and the bus.
 - Masks never exist at the stored size. Resize (nearest, half-pixel centres like
   `interpolate(mode="nearest-exact")`) and horizontal flip are done on the COCO RLE itself,
   all instances of an image in one vectorised numpy pass: a source run inside one column maps
@@ -17,8 +20,8 @@ Why it is built this way (figures in bench/loader.py):
   roi_align makes it contiguous on the device); call `.contiguous()` if you need row-major.
 - Split in two for DataLoader workers: `SampleTransform.decode` does the work and returns what
   is cheap to send between processes (uint8 image, mask runs, numpy arrays, no tensors);
-  `finish_sample` (in the training process) paints the masks and makes the float image.
-  Sending painted masks and float32 images through shared memory cost more than decoding them
+  `finish_sample` (in the training process) paints the masks and wraps the arrays as tensors.
+  Sending painted masks and images through shared memory cost more than decoding them
   (measured: ~20 ms per two 1-Mpx images with ~12 instances each).
 - Photometric jitter is brightness, contrast and saturation (torchvision ColorJitter's
   definitions, applied in that order) folded into one 3x3 colour matrix plus offset, clamped
@@ -304,7 +307,7 @@ def decode_resized(where: str, data: bytes, size: tuple[int, int], out: tuple[in
 # -- the transform -------------------------------------------------------------------------------
 @dataclass
 class SampleTransform:
-    """jpg bytes + sample json -> (image float32 [3,H,W] in 0..1, target dict).
+    """jpg bytes + sample json -> (image uint8 [3,H,W], target dict); the model converts to float.
 
     Train: multi-scale resize (shorter side drawn from `min_size`), flip, jitter, from
     `aug_params(seed, epoch, key)`. Eval (`train=False`): resize to `test_size` only.
@@ -329,7 +332,7 @@ class SampleTransform:
 
     def decode(self, key: str, jpg: bytes, meta: dict, *, epoch: int, image_id: int) -> tuple[torch.Tensor, dict]:
         """All the work but the last memory-bound step, with a result that is cheap to send between
-        processes: the image as a uint8 numpy array (a quarter of float32's bytes), masks as runs
+        processes: the image as a uint8 numpy array, masks as runs
         (MaskRuns), small arrays as numpy; all pickled inline through the worker's pipe instead of
         one shared-memory segment per tensor (measured: faulting those segments in, on both
         sides, cost more than the copies). `finish_sample`, in the consuming process, makes the
@@ -380,9 +383,10 @@ class SampleTransform:
         }
 
 
-def finish_sample(img: torch.Tensor, wire: dict) -> tuple[torch.Tensor, dict]:
-    """`SampleTransform.decode` output -> (float32 image in 0..1, target of torch tensors)."""
-    return torch.from_numpy(img).to(torch.float32).mul_(1.0 / 255), {  # not img.mul(): uint8 * float is ~20x slower
+def finish_sample(img: np.ndarray, wire: dict) -> tuple[torch.Tensor, dict]:
+    """`SampleTransform.decode` output -> (uint8 image [3, H, W], target of torch tensors).
+    The image stays uint8: the model converts it on its device (a quarter of the bytes to copy)."""
+    return torch.from_numpy(img), {
         "boxes": torch.from_numpy(wire["boxes"]),
         "labels": torch.from_numpy(wire["labels"]),
         "masks": wire["masks"].paint(),
