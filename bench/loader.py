@@ -153,9 +153,9 @@ def main() -> int:
 
         # (a) this loader
         def loader_pass(jitter: float):
-            cfg = LoaderConfig(batch_size=2, workers=args.workers, min_size=[args.min_size], max_size=args.max_size,
+            cfg = LoaderConfig(workers=args.workers, min_size=[args.min_size], max_size=args.max_size,
                                hflip=0.5, color_jitter=jitter, group_aspect_ratio=True, tune_malloc=tuned)
-            ld = build_loader(cfg, shards, "train", rank=0, world_size=1, seed=0, train=True)
+            ld = build_loader(cfg, shards, "train", rank=0, world_size=1, batch_sizes=[2], seed=0)
             return lambda: steady(ld)
 
         # (b) the peer
