@@ -62,6 +62,8 @@ def test_resume_on_another_layout_reads_the_rest_once(synth_shards, a, b, worker
     note = second[0].layout_change
     assert note is not None and f"{st['samples_consumed']} of 18 samples consumed" in note
     assert f"on {len(b)} rank" in note and f"batch {','.join(map(str, b))}" in note
+    assert {ld.samples_consumed() for ld in second} == {st["samples_consumed"]}
+    assert second[0].samples_per_epoch == 18
     left = {ld.steps_left() for ld in second}
     assert left == {-(-(18 - st["samples_consumed"]) // sum(b))}, "equal steps on every rank of the new layout"
     plan = second[0].plan()
@@ -113,7 +115,10 @@ def test_epoch_end_state_starts_the_next_epoch_on_any_layout(synth_shards):
     other = dataclasses.replace(CFG, chunk_size=5, repeat_factor_threshold=0.5)
     ld = layout(synth_shards, [2], other, epoch=0)[0]
     ld.load_state_dict(st)
-    assert ld.epoch == 2 and ld.steps_left() == ld.steps_per_epoch
+    assert ld.samples_per_epoch > 18, "repeat-factor copies"
+    assert ld.epoch == 2 and ld.steps_left() == ld.steps_per_epoch == -(-ld.samples_per_epoch // 2)
+    assert ld.samples_consumed() == 0
+    assert ld.layout_change.startswith("data position: epoch 2 starts on 1 rank x batch 2, 0 workers (was 2 ranks x batch 2,3, 1 worker)")
     assert keys_of(run([ld])[0]) == [[ld.pool.keys[i] for i in b] for b in ld.plan(2).rank_batches(0)]
 
 

@@ -8,6 +8,7 @@ Contract with the trainer (keep stable):
     loader.set_epoch(e)          # a new epoch resets the position; the current epoch keeps it
     len(loader)                  # = loader.steps_per_epoch: steps of a full epoch on this layout
     loader.steps_left()          # steps this rank still yields in the current epoch (all ranks equal)
+    loader.samples_per_epoch, loader.samples_consumed()   # stream items per epoch / used this epoch
     for images, targets in loader: ...     # docs/design.md "Training targets"; targets[i]["key"]
     loader.state_dict() / loader.load_state_dict(sd)   # layout-free data position (below)
     loader.layout_change         # after load_state_dict: None (same layout) or one line to print
@@ -275,6 +276,15 @@ class ShardLoader:
         """Steps this rank (every rank) still yields in the current epoch."""
         return self.plan().rank_steps[self.rank] - self.consumed
 
+    @property
+    def samples_per_epoch(self) -> int:
+        """Items in an epoch's stream: the samples plus repeat-factor copies (duplicates not counted)."""
+        return self.plan().stream_len
+
+    def samples_consumed(self) -> int:
+        """Stream items of the current epoch already yielded, on this layout and any before it."""
+        return int(self.position()[0].sum())
+
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
             self._move_to(epoch)
@@ -335,11 +345,15 @@ class ShardLoader:
         plan = self.plan()
         was = _layout_text(old["batch_sizes"], old["workers"])
         now = _layout_text(self.batch_sizes, self.cfg.workers)
-        self.layout_change = (
-            f"data position: epoch {self.epoch}, {sd['samples_consumed']} of {n} samples consumed "
-            f"(+{sd['duplicates_consumed']} duplicates) on {was}; the remaining {plan.originals} re-planned on {now}: "
-            f"{plan.rank_steps[self.rank]} steps per rank, {plan.duplicates} duplicates added; "
-            f"a full epoch is {full_before} steps on this layout (was {-(-n // sum(old['batch_sizes']))})")
+        steps = f"{plan.rank_steps[self.rank]} steps per rank, {plan.duplicates} duplicates added"
+        epoch_len = f"a full epoch is {full_before} steps on this layout (was {-(-n // sum(old['batch_sizes']))})"
+        if mid_epoch:
+            self.layout_change = (
+                f"data position: epoch {self.epoch}, {sd['samples_consumed']} of {n} samples consumed "
+                f"(+{sd['duplicates_consumed']} duplicates) on {was}; the remaining {plan.originals} re-planned "
+                f"on {now}: {steps}; {epoch_len}")
+        else:
+            self.layout_change = f"data position: epoch {self.epoch} starts on {now} (was {was}): {steps}; {epoch_len}"
 
     # -- iteration -----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], list[dict]]]:
