@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -186,7 +187,8 @@ def test_subset_and_rfs(synth_shards):
 @given(world=st.integers(1, 4), workers=st.integers(0, 3), bs=st.lists(st.integers(1, 3), min_size=4, max_size=4),
        chunk=st.integers(1, 5), mix=st.integers(1, 3), group=st.booleans(), seed=st.integers(0, 99), data=st.data())
 def test_reading_from_any_step_gives_the_planned_samples(synth_shards, world, workers, bs, chunk, mix, group, seed, data):
-    """What a worker reads from local batch k on (a resume) is exactly the plan's samples, for any layout."""
+    """What a worker reads from local batch k on (a resume) is exactly the plan's samples, for any
+    layout, also in a plan of an epoch's rest (any consumed set; duplicates that may cycle)."""
     from fashionseg.data.loader import iter_raw_batches
     from fashionseg.data.plan import PlanConfig, build_plan
     from fashionseg.data.shards.reader import read_manifest
@@ -195,8 +197,9 @@ def test_reading_from_any_step_gives_the_planned_samples(synth_shards, world, wo
     bs = bs[:world]
     if sum(bs) > split["num_samples"]:
         return
+    consumed = data.draw(st.none() | st.lists(st.booleans(), min_size=18, max_size=18).map(np.array))
     plan = build_plan(split, seed=seed, epoch=1, batch_sizes=bs, workers=workers,
-                      cfg=PlanConfig(chunk_size=chunk, mix_chunks=mix, group_aspect_ratio=group))
+                      cfg=PlanConfig(chunk_size=chunk, mix_chunks=mix, group_aspect_ratio=group), consumed=consumed)
     for c in plan.consumers.values():
         k = data.draw(st.integers(0, len(c.batches)))
         got = [[key for _, (key, _, _) in b] for b in iter_raw_batches(synth_shards, plan, c.batches[k:])]
