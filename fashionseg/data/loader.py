@@ -328,7 +328,7 @@ class ShardLoader:
         if mid_epoch:
             _refuse_changes("mid-epoch, the epoch's sample stream", sd["stream"], self._stream_options(),
                             "Change data.chunk_size, data.mix_chunks and data.repeat_factor_threshold only at an epoch end")
-        n = self.plan(int(sd["epoch"])).stream_len
+        n = self.samples_per_epoch  # the same every epoch (plan.repeat_multiplicities)
         if not mid_epoch:  # an epoch end: the stream options and the layout may change freely
             sd = {**sd, "plan": {**sd["plan"], "consumed_before": None, "duplicates_before": 0, "steps": 0}}
         elif sd["stream_len"] != n:
