@@ -66,11 +66,24 @@ def test_resume_on_another_layout_reads_the_rest_once(synth_shards, a, b, worker
     assert second[0].samples_per_epoch == 18
     left = {ld.steps_left() for ld in second}
     assert left == {-(-(18 - st["samples_consumed"]) // sum(b))}, "equal steps on every rank of the new layout"
+    decoded = []
+    if workers_b == 0:  # in this process: count what gets decoded
+        for ld in second:
+            inner = ld.transform
+
+            class Counting:
+                def decode(self, key, *args, _inner=inner, **kw):
+                    decoded.append(key)
+                    return _inner.decode(key, *args, **kw)
+
+            ld.transform = Counting()
     plan = second[0].plan()
     assert plan.duplicates == min(left) * sum(b) - (18 - st["samples_consumed"])
     tail = run(second)
     assert [len(t) for t in tail] == [left.pop()] * len(b)
     assert all(len(imgs) == bs for t, bs in zip(tail, b) for imgs, _ in t), "full batches of the new sizes"
+    if workers_b == 0:
+        assert Counter(decoded) == all_keys(tail), "only the rest of the epoch is decoded"
     seen = all_keys(head) + all_keys(tail)
     assert set(seen) == set(train), "every training sample is read"
     assert sum(seen.values()) - 18 == st["duplicates_consumed"] + plan.duplicates, "nothing twice but the counted duplicates"
