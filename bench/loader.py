@@ -15,6 +15,10 @@ their total rate is divided by W; the loader's consuming process then also does 
 workers. Pipelines are timed interleaved (median of --repeats) so that load from other processes
 hits all alike; (a) and (b) are timed from their first batch (worker start-up left out). The
 last line is `loader_vs_peer=X.XX loader_vs_decode_limit=0.YY`.
+
+`--plan-samples 45623` times only the elastic-resume planning at Fashionpedia's size (no images):
+the full-epoch plan, the consumed set after half an epoch, the re-plan of the rest on a smaller
+layout, and the size of the position a checkpoint stores.
 """
 from __future__ import annotations
 
@@ -72,6 +76,48 @@ def steady(loader) -> tuple[int, float]:
     return n, time.perf_counter() - t0
 
 
+def plan_costs(samples: int, repeats: int) -> int:
+    """`--plan-samples N`: what elastic resume costs at a dataset's size, with no images: the plan
+    of a full epoch, the consumed set after half of it, the re-plan of the rest on another layout
+    and the size of the layout-free position a checkpoint stores (base64 bitmap)."""
+    import base64
+
+    from fashionseg.data.plan import PlanConfig, build_plan, build_pool
+
+    rng = np.random.default_rng(0)
+    shards, per = [], 1000
+    for si in range(-(-samples // per)):
+        n = min(per, samples - si * per)
+        shards.append({"name": f"train-{si:06d}.tar", "num_samples": n, "samples": [
+            {"key": f"{si}-{i}", "offset": 4096 * i, "width": int(rng.integers(400, 1200)),
+             "height": int(rng.integers(400, 1200)), "categories": sorted(set(rng.integers(0, 46, 3).tolist()))}
+            for i in range(n)]})
+    split = {"shards": shards}
+    cfg = PlanConfig(repeat_factor_threshold=0.001)
+    pool = build_pool(split)  # the loader builds it once
+    a = dict(batch_sizes=[4] * 5 + [2] * 3, workers=4)  # 5x 1080 Ti + 3x smaller, 4 workers each
+    b = dict(batch_sizes=[4] * 5, workers=4)  # the 3 smaller cards gone
+    times: dict[str, list[float]] = {"plan": [], "consumed_after": [], "re-plan": []}
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        full = build_plan(split, seed=0, epoch=0, cfg=cfg, pool=pool, **a)
+        t1 = time.perf_counter()
+        mask, _ = full.consumed_after(full.rank_steps[0] // 2)
+        t2 = time.perf_counter()
+        rest = build_plan(split, seed=0, epoch=0, cfg=cfg, pool=pool, consumed=mask, **b)
+        t3 = time.perf_counter()
+        for k, v in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
+            times[k].append(v)
+    packed = len(base64.b64encode(np.packbits(mask).tobytes()))
+    print(f"{samples} samples, {full.stream_len} stream items/epoch (repeat-factor t=0.001); layout A 8 ranks "
+          f"{sum(a['batch_sizes'])}/step, B 5 ranks {sum(b['batch_sizes'])}/step; cut after {full.rank_steps[0] // 2} of "
+          f"{full.rank_steps[0]} steps; rest on B: {rest.rank_steps[0]} steps, {rest.duplicates} duplicates")
+    for k, v in times.items():
+        print(f"{k:<16} {statistics.median(v) * 1000:8.1f} ms (median of {repeats})")
+    print(f"position bitmap  {packed} bytes base64 per copy (the state holds two: now and at the plan's start)")
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=192)
@@ -82,8 +128,12 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed passes of each pipeline, interleaved (median)")
     p.add_argument("--no-tune-malloc", action="store_true",
                    help="leave glibc's malloc defaults (the loader then does not tune them either)")
+    p.add_argument("--plan-samples", type=int, default=None,
+                   help="only time the elastic-resume planning for a split of this many samples (no images)")
     args = p.parse_args()
     torch.set_num_threads(1)
+    if args.plan_samples:
+        return plan_costs(args.plan_samples, max(1, args.repeats))
 
     from PIL import Image
     from pycocotools import mask as mask_util
@@ -153,9 +203,9 @@ def main() -> int:
 
         # (a) this loader
         def loader_pass(jitter: float):
-            cfg = LoaderConfig(batch_size=2, workers=args.workers, min_size=[args.min_size], max_size=args.max_size,
+            cfg = LoaderConfig(workers=args.workers, min_size=[args.min_size], max_size=args.max_size,
                                hflip=0.5, color_jitter=jitter, group_aspect_ratio=True, tune_malloc=tuned)
-            ld = build_loader(cfg, shards, "train", rank=0, world_size=1, seed=0, train=True)
+            ld = build_loader(cfg, shards, "train", rank=0, world_size=1, batch_sizes=[2], seed=0)
             return lambda: steady(ld)
 
         # (b) the peer

@@ -1,4 +1,5 @@
-"""The loader over real shards: plan order whatever the workers, step-exact resume, replay by key."""
+"""The loader over real shards: plan order whatever the workers, step-exact resume, replay by key
+(elastic resume: tests/test_loader_elastic.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,12 +12,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fashionseg.data import rle
-from fashionseg.data.loader import LoaderConfig, LoaderStateError, build_loader
+from fashionseg.data.loader import LoaderConfig, build_loader
 from fashionseg.data.plan import PlanError
 from fashionseg.data.shards.reader import iter_split
 
-CFG = LoaderConfig(batch_size=2, workers=0, min_size=[48, 64, 80], max_size=128, hflip=0.5, color_jitter=0.3,
-                   chunk_size=3, mix_chunks=2)
+CFG = LoaderConfig(workers=0, min_size=[48, 64, 80], max_size=128, hflip=0.5, color_jitter=0.3, chunk_size=3, mix_chunks=2)
+
+
+def make(shards, cfg=CFG, batch_sizes=(2,), rank=0, seed=0):
+    return build_loader(cfg, shards, "train", rank=rank, world_size=len(batch_sizes), batch_sizes=list(batch_sizes),
+                        seed=seed)
 
 
 def keys_of(batches):
@@ -35,7 +40,7 @@ def assert_same_batches(a, b):
 
 
 def test_yields_the_plan_and_targets(synth_shards):
-    ld = build_loader(CFG, synth_shards, "train", rank=0, world_size=1, seed=0, train=True)
+    ld = make(synth_shards)
     batches = list(ld)
     plan = ld.plan(0)
     assert len(batches) == len(plan.rank_batches(0)) == 9  # 18 samples, batch 2
@@ -46,22 +51,22 @@ def test_yields_the_plan_and_targets(synth_shards):
         assert len(images) == len(targets) == 2
         for img, t in zip(images, targets):
             h, w = img.shape[1:]
-            assert img.dtype == torch.float32 and img.shape[0] == 3 and min(h, w) in (48, 64, 80)
+            assert img.dtype in (torch.uint8, torch.float32) and img.shape[0] == 3 and min(h, w) in (48, 64, 80)
             n = t["boxes"].shape[0]
             assert t["masks"].shape == (n, h, w) and t["masks"].dtype == torch.uint8
             assert t["labels"].dtype == torch.int64 and ((t["labels"] >= 1) & (t["labels"] <= C)).all()
             assert t["attributes"].shape == (n, A)
             assert (t["masks"].flatten(1).sum(1) > 0).all(), "vanished instances are dropped"
             assert t["image_id"].item() == plan.pool.keys.index(t["key"])
-    assert ld.epoch == 1 and ld.state_dict()["batches_consumed"] == 0, "an exhausted epoch moves on"
+    assert ld.epoch == 1 and ld.state_dict()["samples_consumed"] == 0, "an exhausted epoch moves on"
+    assert ld.steps_left() == len(ld) == ld.steps_per_epoch == 9
 
 
 def test_masks_equal_decode_then_transform(synth_shards):
     """End to end against the shard's own RLE: decode, nearest-resize, flip, drop the vanished."""
     from test_transforms import reference
 
-    ld = build_loader(dataclasses.replace(CFG, color_jitter=0.0, hflip=0.5), synth_shards, "train", rank=0, world_size=1,
-                      seed=4, train=True)
+    ld = make(synth_shards, dataclasses.replace(CFG, color_jitter=0.0, hflip=0.5), seed=4)
     metas = {k: m for k, _, m in iter_split(synth_shards, "train")}
     flips = 0
     for _, targets in ld:
@@ -81,8 +86,8 @@ def test_masks_equal_decode_then_transform(synth_shards):
 
 
 def test_workers_do_not_change_the_batches(synth_shards):
-    base = build_loader(dataclasses.replace(CFG, workers=0), synth_shards, "train", rank=0, world_size=1, seed=1, train=True)
-    par = build_loader(dataclasses.replace(CFG, workers=2), synth_shards, "train", rank=0, world_size=1, seed=1, train=True)
+    base = make(synth_shards, dataclasses.replace(CFG, workers=0), seed=1)
+    par = make(synth_shards, dataclasses.replace(CFG, workers=2), seed=1)
     # the plan depends on the worker count (each worker reads its own chunks), the decoded samples do not
     a, b = list(base), list(par)
     assert len(a) == len(b) == 9
@@ -94,25 +99,26 @@ def test_workers_do_not_change_the_batches(synth_shards):
             assert torch.equal(by_key_a[t["key"]][0], img)
             assert torch.equal(by_key_a[t["key"]][1]["masks"], t["masks"])
     # and the parallel loader is deterministic run to run
-    again = build_loader(dataclasses.replace(CFG, workers=2), synth_shards, "train", rank=0, world_size=1, seed=1, train=True)
+    again = make(synth_shards, dataclasses.replace(CFG, workers=2), seed=1)
     assert_same_batches(b, list(again))
 
 
 @pytest.mark.parametrize("workers,stop", [(0, 3), (2, 4), (2, 1)])
 def test_resume_is_step_exact(synth_shards, workers, stop):
     cfg = dataclasses.replace(CFG, workers=workers)
-    full = build_loader(cfg, synth_shards, "train", rank=0, world_size=1, seed=7, train=True)
+    full = make(synth_shards, cfg, seed=7)
     full.set_epoch(1)
     uninterrupted = list(full)
-    first = build_loader(cfg, synth_shards, "train", rank=0, world_size=1, seed=7, train=True)
+    first = make(synth_shards, cfg, seed=7)
     first.set_epoch(1)
     it = iter(first)
     head = [next(it) for _ in range(stop)]
     state = first.state_dict()
     del it
-    assert state["epoch"] == 1 and state["batches_consumed"] == stop
-    resumed = build_loader(cfg, synth_shards, "train", rank=0, world_size=1, seed=7, train=True)
+    assert state["epoch"] == 1 and state["plan"]["steps"] == stop and state["samples_consumed"] == 2 * stop
+    resumed = make(synth_shards, cfg, seed=7)
     resumed.load_state_dict(state)
+    assert resumed.layout_change is None and resumed.steps_left() == 9 - stop
     resumed.set_epoch(1)  # the trainer may call it again: same epoch keeps the position
     decoded = []
     if workers == 0:
@@ -130,26 +136,9 @@ def test_resume_is_step_exact(synth_shards, workers, stop):
         assert decoded == [k for b in keys_of(uninterrupted[stop:]) for k in b], "skipped samples are not decoded"
 
 
-def test_state_from_another_layout_is_refused(synth_shards):
-    a = build_loader(CFG, synth_shards, "train", rank=0, world_size=1, seed=0, train=True)
-    it = iter(a)
-    next(it)
-    state = a.state_dict()
-    b = build_loader(dataclasses.replace(CFG, batch_size=3), synth_shards, "train", rank=0, world_size=1, seed=0, train=True)
-    with pytest.raises(LoaderStateError, match=r"batch_sizes: \[2\] -> \[3\]"):
-        b.load_state_dict(state)
-    c = build_loader(CFG, synth_shards, "train", rank=0, world_size=1, seed=1, train=True)
-    with pytest.raises(LoaderStateError, match="seed: 0 -> 1"):
-        c.load_state_dict(state)
-    # at an epoch boundary a new layout is fine (resume on another number of GPUs)
-    list(it)
-    b.load_state_dict(a.state_dict())
-    assert b.epoch == 1 and b.consumed == 0
-
-
 def test_ranks_with_unequal_batch_sizes(synth_shards):
-    cfg = dataclasses.replace(CFG, batch_sizes=[1, 2, 3], workers=1)
-    loaders = [build_loader(cfg, synth_shards, "train", rank=r, world_size=3, seed=2, train=True) for r in range(3)]
+    cfg = dataclasses.replace(CFG, workers=1)
+    loaders = [make(synth_shards, cfg, batch_sizes=[1, 2, 3], rank=r, seed=2) for r in range(3)]
     assert len({len(ld) for ld in loaders}) == 1 and len(loaders[0]) == 3  # 18 samples / (1+2+3)
     seen = Counter()
     for r, ld in enumerate(loaders):
@@ -157,54 +146,40 @@ def test_ranks_with_unequal_batch_sizes(synth_shards):
         assert [len(i) for i, _ in batches] == [r + 1] * 3
         seen.update(k for b in keys_of(batches) for k in b)
     assert len(seen) == 18 and set(seen.values()) == {1}
-    assert loaders[0].plan_summary()["duplicates"] == 0
+    assert loaders[0].plan(0).summary()["duplicates"] == 0
     with pytest.raises(PlanError, match="fewer than one global batch"):
-        build_loader(dataclasses.replace(CFG, batch_size=10), synth_shards, "train", rank=0, world_size=2, seed=0, train=True)
-    with pytest.raises(PlanError, match="lists 2 sizes for 3 ranks"):
-        build_loader(dataclasses.replace(CFG, batch_sizes=[1, 2]), synth_shards, "train", rank=0, world_size=3, seed=0, train=True)
+        make(synth_shards, batch_sizes=[10, 10])
+    with pytest.raises(PlanError, match="2 per-rank batch sizes for 3 ranks"):
+        build_loader(CFG, synth_shards, "train", rank=0, world_size=3, batch_sizes=[1, 2], seed=0)
 
 
-def test_validation_each_sample_once_deterministic(synth_shards):
-    cfg = dataclasses.replace(CFG, batch_size=2, workers=2)
-    keys, sizes = [], set()
-    for r in range(4):
-        ld = build_loader(cfg, synth_shards, "val", rank=r, world_size=4, seed=0, train=False)
-        b0, b1 = list(ld), list(ld)  # the second pass is the next epoch: identical for val
-        assert_same_batches(b0, b1)
-        assert len(b0) == len(ld)
-        keys += [k for b in keys_of(b0) for k in b]
-        sizes |= {min(i.shape[1:]) for imgs, _ in b0 for i in imgs}
-    assert sorted(keys) == sorted(k for k, _, _ in iter_split(synth_shards, "val"))
-    assert sizes == {80}, "val resizes to the largest train size"
+def test_no_validation_mode(synth_shards):
+    with pytest.raises(ValueError, match="eval_source"):
+        build_loader(CFG, synth_shards, "val", rank=0, world_size=1, batch_sizes=[2], seed=0, train=False)
 
 
 def test_load_batch_replays_exact_tensors(synth_shards):
-    ld = build_loader(CFG, synth_shards, "train", rank=0, world_size=1, seed=3, train=True)
+    ld = make(synth_shards, seed=3)
     ld.set_epoch(2)
     batches = list(ld)
     for images, targets in batches[2:4]:
         keys = [t["key"] for t in targets]
         assert_same_batches([ld.load_batch(keys, epoch=2)], [(images, targets)])
-    raw = {k: (k, j, m) for k, j, m in iter_split(synth_shards, "train")}
-    images, targets = batches[5]
-    assert ld.read_raw([t["key"] for t in targets]) == [raw[t["key"]] for t in targets]
-    again = ld.decode_samples([raw[t["key"]] for t in targets], epoch=2)
-    assert_same_batches([again], [(images, targets)])
     with pytest.raises(KeyError, match="not in split 'train'"):
         ld.load_batch(["nope"], epoch=0)
 
 
 def test_subset_and_rfs(synth_shards):
-    ld = build_loader(dataclasses.replace(CFG, subset=8, batch_size=2), synth_shards, "train", rank=0, world_size=1, seed=0, train=True)
+    ld = make(synth_shards, dataclasses.replace(CFG, subset=8))
     assert len(ld) == 4 and len({k for b in keys_of(list(ld)) for k in b}) == 8
-    rfs = build_loader(dataclasses.replace(CFG, repeat_factor_threshold=0.5), synth_shards, "train", rank=0, world_size=1,
-                       seed=0, train=True)
-    s = rfs.plan_summary()
-    assert s["rfs_repeats"] > 0 and s["steps"] == len(rfs) == -(-(18 + s["rfs_repeats"]) // 2)
+    rfs = make(synth_shards, dataclasses.replace(CFG, repeat_factor_threshold=0.5))
+    s = rfs.plan().summary()
+    assert s["rfs_repeats"] > 0 and s["ranks"][0]["steps"] == len(rfs) == -(-(18 + s["rfs_repeats"]) // 2)
     lens = set()
     for e in range(3):
         rfs.set_epoch(e)
         lens.add(len(rfs))
+        lens.add(rfs.steps_left())
     assert len(lens) == 1, "steps per epoch do not change with repeat-factor sampling"
 
 
@@ -212,7 +187,8 @@ def test_subset_and_rfs(synth_shards):
 @given(world=st.integers(1, 4), workers=st.integers(0, 3), bs=st.lists(st.integers(1, 3), min_size=4, max_size=4),
        chunk=st.integers(1, 5), mix=st.integers(1, 3), group=st.booleans(), seed=st.integers(0, 99), data=st.data())
 def test_reading_from_any_step_gives_the_planned_samples(synth_shards, world, workers, bs, chunk, mix, group, seed, data):
-    """What a worker reads from local batch k on (a resume) is exactly the plan's samples, for any layout."""
+    """What a worker reads from local batch k on (a resume) is exactly the plan's samples, for any
+    layout, also in a plan of an epoch's rest (any consumed set; duplicates that may cycle)."""
     from fashionseg.data.loader import iter_raw_batches
     from fashionseg.data.plan import PlanConfig, build_plan
     from fashionseg.data.shards.reader import read_manifest
@@ -221,8 +197,9 @@ def test_reading_from_any_step_gives_the_planned_samples(synth_shards, world, wo
     bs = bs[:world]
     if sum(bs) > split["num_samples"]:
         return
-    plan = build_plan(split, seed=seed, epoch=1, batch_sizes=bs, workers=workers, train=True,
-                      cfg=PlanConfig(chunk_size=chunk, mix_chunks=mix, group_aspect_ratio=group))
+    consumed = data.draw(st.none() | st.lists(st.booleans(), min_size=18, max_size=18).map(np.array))
+    plan = build_plan(split, seed=seed, epoch=1, batch_sizes=bs, workers=workers,
+                      cfg=PlanConfig(chunk_size=chunk, mix_chunks=mix, group_aspect_ratio=group), consumed=consumed)
     for c in plan.consumers.values():
         k = data.draw(st.integers(0, len(c.batches)))
         got = [[key for _, (key, _, _) in b] for b in iter_raw_batches(synth_shards, plan, c.batches[k:])]

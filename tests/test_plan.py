@@ -79,7 +79,7 @@ def test_train_plan_properties(lay):
     split = make_split(lay["shards"], seed=lay["seed"] % 1000)
     bs = _sizes(lay)
     cfg = PlanConfig(chunk_size=lay["chunk"], mix_chunks=lay["mix"], group_aspect_ratio=lay["group"])
-    kw = dict(seed=lay["seed"], epoch=lay["epoch"], batch_sizes=bs, workers=lay["workers"], train=True, cfg=cfg)
+    kw = dict(seed=lay["seed"], epoch=lay["epoch"], batch_sizes=bs, workers=lay["workers"], cfg=cfg)
     if split["num_samples"] < sum(bs):
         with pytest.raises(PlanError, match="fewer than one global batch"):
             build_plan(split, **kw)
@@ -95,23 +95,6 @@ def test_train_plan_properties(lay):
             assert len(c.batches) - len(pure) <= 1, "at most one mixed-orientation batch per consumer"
 
 
-@settings(max_examples=200, deadline=None)
-@given(layouts)
-def test_val_plan_each_sample_once(lay):
-    split = make_split(lay["shards"], seed=lay["seed"] % 1000)
-    bs = _sizes(lay)
-    plan = build_plan(split, seed=lay["seed"], epoch=lay["epoch"], batch_sizes=bs, workers=lay["workers"], train=False)
-    seen = []
-    for r, b in enumerate(bs):
-        batches = plan.rank_batches(r)
-        assert len(batches) == plan.rank_steps[r]
-        assert all(1 <= len(x) <= b for x in batches)
-        seen += [i for x in batches for i in x]
-    assert sorted(seen) == list(range(split["num_samples"])), "each val sample exactly once over all ranks"
-    assert plan.duplicates == 0
-    assert max(plan.rank_steps) - min(plan.rank_steps) <= 1 or len(set(bs)) > 1
-
-
 def test_rfs_repeats_rare_categories():
     # category 9 in 2 of 400 images: r = sqrt(0.1 / 0.005) = 4.47 -> those images 4 or 5 times
     split = make_split([100] * 4, n_cats=3)
@@ -122,7 +105,7 @@ def test_rfs_repeats_rare_categories():
     split["shards"][2]["samples"][7]["categories"] = [9]
     rare = {"s00003", "s00207"}
     for epoch in range(4):
-        plan = build_plan(split, seed=1, epoch=epoch, batch_sizes=[2, 3], workers=2, train=True,
+        plan = build_plan(split, seed=1, epoch=epoch, batch_sizes=[2, 3], workers=2,
                           cfg=PlanConfig(repeat_factor_threshold=0.1))
         _check_train_plan(plan, split, [2, 3])
         counts = Counter(plan.pool.keys[i] for r in range(2) for b in plan.rank_batches(r) for i in b)
@@ -137,11 +120,11 @@ def test_rfs_repeats_rare_categories():
 
 def test_shuffle_changes_with_epoch_and_seed_but_reads_stay_chunked():
     split = make_split([50] * 6)
-    a = build_plan(split, seed=0, epoch=0, batch_sizes=[4], workers=0, train=True).rank_batches(0)
-    b = build_plan(split, seed=0, epoch=1, batch_sizes=[4], workers=0, train=True).rank_batches(0)
-    c = build_plan(split, seed=1, epoch=0, batch_sizes=[4], workers=0, train=True).rank_batches(0)
+    a = build_plan(split, seed=0, epoch=0, batch_sizes=[4], workers=0).rank_batches(0)
+    b = build_plan(split, seed=0, epoch=1, batch_sizes=[4], workers=0).rank_batches(0)
+    c = build_plan(split, seed=1, epoch=0, batch_sizes=[4], workers=0).rank_batches(0)
     assert a != b and a != c
-    plan = build_plan(split, seed=0, epoch=0, batch_sizes=[4], workers=0, train=True, cfg=PlanConfig(chunk_size=10, mix_chunks=2))
+    plan = build_plan(split, seed=0, epoch=0, batch_sizes=[4], workers=0, cfg=PlanConfig(chunk_size=10, mix_chunks=2))
     # a window holds 2 chunks of 10 consecutive samples: 20 positions come from <= 2 runs of a shard
     for wi in range(int(plan.stream_window.max())):
         idx = np.sort(plan.stream_pool[plan.stream_window == wi])
@@ -152,11 +135,11 @@ def test_shuffle_changes_with_epoch_and_seed_but_reads_stay_chunked():
 def test_layout_errors():
     split = make_split([3, 2])
     with pytest.raises(PlanError, match=r"fewer than one global batch \(2\+2\+2 = 6\)"):
-        build_plan(split, seed=0, epoch=0, batch_sizes=[2, 2, 2], workers=1, train=True)
+        build_plan(split, seed=0, epoch=0, batch_sizes=[2, 2, 2], workers=1)
     with pytest.raises(PlanError, match="batch size must be >= 1"):
-        build_plan(split, seed=0, epoch=0, batch_sizes=[2, 0], workers=1, train=True)
+        build_plan(split, seed=0, epoch=0, batch_sizes=[2, 0], workers=1)
     with pytest.raises(PlanError, match="workers"):
-        build_plan(split, seed=0, epoch=0, batch_sizes=[2], workers=-1, train=True)
+        build_plan(split, seed=0, epoch=0, batch_sizes=[2], workers=-1)
 
 
 # -- `shard plan` ---------------------------------------------------------------------------------

@@ -1,31 +1,36 @@
-"""The training/validation loader: owns the rank split, equal steps, step-exact resume.
+"""The training loader: owns the rank split, equal steps, step-exact and elastic resume.
 
 Contract with the trainer (keep stable):
 
-    loader = build_loader(cfg: LoaderConfig, shard_dir, "train", rank=r, world_size=n, seed=s, train=True)
+    loader = build_loader(cfg: LoaderConfig, shard_dir, "train", rank=r, world_size=n,
+                          batch_sizes=[b_0, ..., b_{n-1}], seed=s)
     loader.vocab                 # Vocab from the manifest (num_categories, num_attributes)
     loader.set_epoch(e)          # a new epoch resets the position; the current epoch keeps it
-    len(loader)                  # steps this epoch: identical on every rank for train
+    len(loader)                  # = loader.steps_per_epoch: steps of a full epoch on this layout
+    loader.steps_left()          # steps this rank still yields in the current epoch (all ranks equal)
+    loader.samples_per_epoch, loader.samples_consumed()   # stream items per epoch / used this epoch
     for images, targets in loader: ...     # docs/design.md "Training targets"; targets[i]["key"]
-    loader.state_dict() / loader.load_state_dict(sd)   # epoch, batches consumed, fingerprints
-    loader.plan_summary()        # dict for logging: duplicates, repeat-factor extras, per-rank steps
+    loader.state_dict() / loader.load_state_dict(sd)   # layout-free data position (below)
+    loader.layout_change         # after load_state_dict: None (same layout) or one line to print
     loader.load_batch(keys, epoch)         # re-decode a past batch from its keys (hard mining)
-    loader.read_raw(keys)                  # [(key, jpg_bytes, meta)]: the encoded samples
-    loader.decode_samples(samples, epoch)  # decode stored (key, jpg_bytes, meta) like load_batch
 
 - Position: iterating yields the steps not consumed yet in the current epoch; when an epoch's
   last batch has been taken and the iterator is exhausted, the loader moves to (epoch + 1, 0),
   so `set_epoch(e + 1)` afterwards is a no-op and a checkpoint taken after the epoch says so.
-  Iterating an epoch whose batches are all consumed yields nothing and moves on the same way.
-  `state_dict()` counts batches handed to the caller (not the ones prefetched by workers);
-  `load_state_dict()` then makes the next iteration start at exactly that step, reading (and
-  never decoding) only what the remaining steps need. A state whose layout fingerprint
-  (seed, manifest, world size, batch sizes, workers, plan options) differs raises
-  LoaderStateError saying what changed; at an epoch boundary only the data part has to match,
-  so a run may resume on another number of GPUs from an epoch-end checkpoint.
-- Split: the plan (fashionseg/data/plan.py) gives each (rank, worker) its own batches; workers
-  tag each batch with its step and the main process yields them in step order, so the batch
-  sequence does not depend on worker timing. `workers=0` decodes in the calling process.
+  `state_dict()` counts batches handed to the caller (not the ones prefetched by workers).
+- Layout-free state: the epoch, the set of epoch-stream positions consumed in it (a bitmap over
+  the layout-free stream of fashionseg/data/plan.py) and the duplicates consumed, plus how the
+  current plan was made. Every rank's state is the same (ranks step together), so any rank's
+  state resumes any rank of any layout. `load_state_dict` on the same world size, batch sizes,
+  workers and aspect grouping continues the same plan at the same step: bit-exact, reading (and
+  never decoding) only what the remaining steps need. On another layout it plans the rest of the
+  epoch over what was not consumed (every sample still once, equal steps, the duplicates that
+  needs counted) and says so in `layout_change`. Refused with LoaderStateError, naming what
+  changed: other shards, split, seed or subset; mid-epoch also other stream options (chunk size,
+  mix chunks, repeat-factor threshold), which are free at an epoch end.
+- Split: the plan gives each (rank, worker) its own batches; workers tag each batch with its step
+  and the main process yields them in step order, so the batch sequence does not depend on worker
+  timing. `workers=0` decodes in the calling process.
 - Do NOT pass this loader through `accelerator.prepare()`: it would shard the stream a second
   time (IterableDatasetShard) or broadcast rank 0's batches (dispatch_batches), and
   `accelerator.skip_first_batches` would decode what a resume skips. The loader is not a
@@ -33,44 +38,47 @@ Contract with the trainer (keep stable):
   trainer (`images = [i.to(dev) for i in images]`, the tensors of each target dict likewise;
   `key` and `orig_size` stay on the host).
 - Augmentation randomness comes from (seed, epoch, key) only (fashionseg/data/transforms.py),
-  so `load_batch(keys, epoch)` returns the same tensors the epoch yielded for those keys.
-- Masks are uint8 [N, H, W] views with column-major memory (see transforms.py). Workers send
-  uint8 images and mask runs; the float images and painted masks are made in this process
-  (`finish_sample`, ~2 ms per 0.85-Mpx image with 12 masks), which is cheaper than shipping them.
+  so `load_batch(keys, epoch)` returns the same tensors the epoch yielded for those keys, and a
+  re-planned epoch gives a sample the augmentation it would have had on the old layout.
+- Workers send what `SampleTransform.decode` makes (uint8 images, mask runs); `finish_sample`
+  makes the training pair in this process, which is cheaper than shipping painted masks.
 - Steps per epoch are constant across epochs, also with repeat-factor sampling (its total of
   repeats is fixed; which images get the fractional extra copy varies by epoch).
-- Validation (`train=False`): each sample exactly once over all ranks, no augmentation, resize
-  to `test_size` (default: the largest of `min_size`); ranks may differ by a step.
+- Evaluation does not read through this loader: see fashionseg/data/eval_source.py.
 """
 from __future__ import annotations
 
+import base64
 import bisect
+import hashlib
 import itertools
-from dataclasses import asdict, dataclass, field
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from fashionseg.data.plan import EpochPlan, PlanConfig, PlanError, Pool, build_plan, build_pool, fingerprint
+from fashionseg.data.plan import EpochPlan, PlanConfig, PlanError, Pool, build_plan, build_pool
 from fashionseg.data.shards.reader import ManifestError, ShardError, iter_shard, read_manifest
 from fashionseg.data.transforms import SampleTransform, finish_sample
 from fashionseg.data.vocab import Vocab
 
 
 class LoaderStateError(ValueError):
-    """A loader state that does not belong to this loader's layout (the message says what changed)."""
+    """A loader state this loader cannot continue (the message says what changed)."""
 
 
 @dataclass
 class LoaderConfig:
-    batch_size: int = 2  # per rank
-    batch_sizes: list[int] | None = None  # one per rank (mixed GPUs); overrides batch_size
+    """The `data:` section (batch sizes belong to the trainer: `train.batch_size(s)`)."""
+
     workers: int = 2  # decode processes per rank; 0 = decode in the training process
     min_size: list[int] = field(default_factory=lambda: [800])  # shorter-side choices (multi-scale)
     max_size: int = 1333  # longer side cap
-    test_size: int | None = None  # eval shorter side; None = max(min_size)
+    test_size: int | None = None  # eval shorter side; None = max(min_size) (read by eval, not here)
     hflip: float = 0.5  # probability
     color_jitter: float = 0.0  # brightness/contrast/saturation strength; 0 = off
     repeat_factor_threshold: float = 0.0  # LVIS repeat-factor sampling t; 0 = off
@@ -83,23 +91,14 @@ class LoaderConfig:
     tune_malloc: bool = True  # glibc keeps big freed buffers for reuse, in workers and this process (tune_malloc)
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"loader.batch_size must be >= 1 (got {self.batch_size})")
         if not self.min_size or any(s < 1 for s in self.min_size) or self.max_size < 1:
-            raise ValueError(f"loader.min_size must be a non-empty list of sizes >= 1 and max_size >= 1 (got {self.min_size}, {self.max_size})")
+            raise ValueError(f"data.min_size must be a non-empty list of sizes >= 1 and data.max_size >= 1 (got {self.min_size}, {self.max_size})")
         if not 0.0 <= self.hflip <= 1.0 or self.color_jitter < 0:
-            raise ValueError("loader.hflip must be in [0, 1] and loader.color_jitter >= 0")
+            raise ValueError("data.hflip must be in [0, 1] and data.color_jitter >= 0")
 
-    def rank_batch_sizes(self, world_size: int) -> list[int]:
-        if self.batch_sizes is None:
-            return [self.batch_size] * world_size
-        if len(self.batch_sizes) != world_size:
-            raise PlanError(f"loader.batch_sizes lists {len(self.batch_sizes)} sizes for {world_size} ranks: give one per rank")
-        return [int(b) for b in self.batch_sizes]
-
-    def plan_config(self, train: bool) -> PlanConfig:
-        return PlanConfig(self.chunk_size, self.mix_chunks, self.repeat_factor_threshold if train else 0.0,
-                          self.group_aspect_ratio, self.subset)
+    def plan_config(self) -> PlanConfig:
+        return PlanConfig(self.chunk_size, self.mix_chunks, self.repeat_factor_threshold, self.group_aspect_ratio,
+                          self.subset)
 
 
 # -- reading --------------------------------------------------------------------------------------
@@ -169,7 +168,7 @@ def _decode(transform: SampleTransform, batch, epoch: int) -> list[tuple[torch.T
 
 
 def _finish(decoded: list[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Tensor], list[dict]]:
-    """In the consuming process: uint8 -> float32 images, numpy -> tensors (transforms.finish_sample)."""
+    """In the consuming process: the training pairs of what workers sent (transforms.finish_sample)."""
     pairs = [finish_sample(img, wire) for img, wire in decoded]
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
@@ -202,77 +201,164 @@ def _worker_init(_: int) -> None:
     tune_malloc()
 
 
+# -- the position -------------------------------------------------------------------------------
+def _pack(mask: np.ndarray | None) -> str | None:
+    return None if mask is None else base64.b64encode(np.packbits(mask).tobytes()).decode("ascii")
+
+
+def _unpack(text: str | None, n: int) -> np.ndarray | None:
+    if text is None:
+        return None
+    return np.unpackbits(np.frombuffer(base64.b64decode(text), np.uint8), count=n).astype(bool)
+
+
+def _layout_text(batch_sizes: Sequence[int], workers: int) -> str:
+    n = len(batch_sizes)
+    return f"{n} rank{'s' if n > 1 else ''} x batch {','.join(map(str, batch_sizes))}, {workers} worker{'s' if workers != 1 else ''}"
+
+
+STATE_FORMAT, STATE_VERSION = "fashionseg-loader-position", 2
+
+
 # -- the loader -----------------------------------------------------------------------------------
 class ShardLoader:
     def __init__(self, cfg: LoaderConfig, shard_dir: str | Path, split: str, *, rank: int, world_size: int,
-                 seed: int, train: bool):
+                 batch_sizes: Sequence[int], seed: int):
         self.cfg, self.shard_dir, self.split_name = cfg, Path(shard_dir), split
-        self.rank, self.world_size, self.seed, self.train = rank, world_size, int(seed), train
+        self.rank, self.world_size, self.seed = rank, world_size, int(seed)
         if not 0 <= rank < world_size:
             raise PlanError(f"rank {rank} is outside world size {world_size}")
+        if len(batch_sizes) != world_size:
+            raise PlanError(f"{len(batch_sizes)} per-rank batch sizes for {world_size} ranks: give one per rank")
+        self.batch_sizes = [int(b) for b in batch_sizes]
         manifest = read_manifest(self.shard_dir)
         if split not in manifest["splits"]:
             raise ManifestError(f"{self.shard_dir}: no split '{split}' (has {', '.join(manifest['splits'])})")
         self.split = manifest["splits"][split]
         self.vocab = Vocab.from_dict(manifest, str(self.shard_dir / "manifest.json"))
-        self.batch_sizes = cfg.rank_batch_sizes(world_size)
-        self.plan_cfg = cfg.plan_config(train)
+        self.plan_cfg = cfg.plan_config()
         self.pool = build_pool(self.split, self.plan_cfg.subset)
-        self.transform = SampleTransform(self.vocab, list(cfg.min_size), cfg.max_size, cfg.hflip, cfg.color_jitter,
-                                         train, self.seed, cfg.test_size)
-        fp = dict(split=self.split, seed=self.seed, train=train, cfg=self.plan_cfg)
-        self.fingerprint = fingerprint(**fp, batch_sizes=self.batch_sizes, workers=cfg.workers)
-        self.data_fingerprint = fingerprint(**fp, batch_sizes=None, workers=None)
+        self.transform = SampleTransform(self.vocab, list(cfg.min_size), cfg.max_size, hflip=cfg.hflip,
+                                         color_jitter=cfg.color_jitter, seed=self.seed)
+        # position: the epoch, what was consumed in it before the current plan, steps of that plan taken
         self.epoch, self.consumed = 0, 0
+        self._before: np.ndarray | None = None  # None: nothing (the plan of the full epoch)
+        self._dups_before = 0
+        self.layout_change: str | None = None
         self._plan: EpochPlan | None = None
         self._key_index: dict[str, int] | None = None
-        self.plan(0)  # fail now, not at the first step, when the layout cannot work
+        self.plan()  # fail now, not at the first step, when the layout cannot work
 
     # -- plan and position ---------------------------------------------------------------------
     def plan(self, epoch: int | None = None) -> EpochPlan:
-        epoch = self.epoch if epoch is None else epoch
-        if self._plan is None or self._plan.epoch != epoch:
-            self._plan = build_plan(self.split, seed=self.seed, epoch=epoch, batch_sizes=self.batch_sizes,
-                                    workers=self.cfg.workers, train=self.train, cfg=self.plan_cfg, pool=self.pool)
+        """The plan of the current epoch from the current plan's start; of another epoch, in full."""
+        if epoch is not None and epoch != self.epoch:
+            return build_plan(self.split, seed=self.seed, epoch=epoch, batch_sizes=self.batch_sizes,
+                              workers=self.cfg.workers, cfg=self.plan_cfg, pool=self.pool)
+        if self._plan is None or self._plan.epoch != self.epoch:
+            self._plan = build_plan(self.split, seed=self.seed, epoch=self.epoch, batch_sizes=self.batch_sizes,
+                                    workers=self.cfg.workers, cfg=self.plan_cfg, pool=self.pool, consumed=self._before)
         return self._plan
 
+    def _move_to(self, epoch: int, before: np.ndarray | None = None, dups: int = 0, steps: int = 0) -> None:
+        self.epoch, self._before, self._dups_before, self.consumed = int(epoch), before, int(dups), int(steps)
+        self._plan = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Steps of a full epoch on this layout: ceil(stream items / global batch), every epoch."""
+        return -(-self.plan().stream_len // sum(self.batch_sizes))
+
     def __len__(self) -> int:
-        return self.plan().rank_steps[self.rank]
+        return self.steps_per_epoch
+
+    def steps_left(self) -> int:
+        """Steps this rank (every rank) still yields in the current epoch."""
+        return self.plan().rank_steps[self.rank] - self.consumed
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """Items in an epoch's stream: the samples plus repeat-factor copies (duplicates not counted)."""
+        return self.plan().stream_len
+
+    def samples_consumed(self) -> int:
+        """Stream items of the current epoch already yielded, on this layout and any before it."""
+        return int(self.position()[0].sum())
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
-            self.epoch, self.consumed = int(epoch), 0
+            self._move_to(epoch)
 
-    def plan_summary(self) -> dict:
-        s = self.plan().summary()
-        s["rank"] = self.rank
-        s["steps"] = s["ranks"][self.rank]["steps"]
-        return s
+    def position(self) -> tuple[np.ndarray, int]:
+        """(epoch-stream positions consumed in the current epoch, duplicates consumed in it)."""
+        mask, dups = self.plan().consumed_after(self.consumed)
+        return mask, self._dups_before + dups
+
+    def _data(self) -> dict:
+        """What the epoch stream is made of and a resume can never change."""
+        h = hashlib.sha256(json.dumps([[s["name"], s.get("sha256", ""), s["num_samples"]] for s in self.split["shards"]]).encode())
+        return {"split": self.split_name, "seed": self.seed, "subset": self.plan_cfg.subset, "num_samples": len(self.pool),
+                "shards": len(self.split["shards"]), "shard_files": h.hexdigest()[:16]}
+
+    def _stream_options(self) -> dict:
+        c = self.plan_cfg
+        return {"chunk_size": c.chunk_size, "mix_chunks": c.mix_chunks, "repeat_factor_threshold": c.repeat_factor_threshold}
 
     def _layout(self) -> dict:
-        return {"seed": self.seed, "split": self.split_name, "num_samples": len(self.pool), "world_size": self.world_size,
-                "batch_sizes": self.batch_sizes, "workers": self.cfg.workers, "plan": asdict(self.plan_cfg)}
+        return {"batch_sizes": self.batch_sizes, "workers": self.cfg.workers, "group_aspect_ratio": self.plan_cfg.group_aspect_ratio}
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches_consumed": self.consumed, "fingerprint": self.fingerprint,
-                "data_fingerprint": self.data_fingerprint, "layout": self._layout()}
+        mask, dups = self.position()
+        return {"format": STATE_FORMAT, "version": STATE_VERSION, "epoch": self.epoch,
+                "stream_len": len(mask), "samples_consumed": int(mask.sum()), "duplicates_consumed": dups,
+                "consumed": _pack(mask),  # the layout-free position: bit i = stream position i used this epoch
+                # how the current plan was made, for a bit-exact continuation on the same layout
+                "plan": {**self._layout(), "consumed_before": _pack(self._before), "duplicates_before": self._dups_before,
+                         "steps": self.consumed},
+                "data": self._data(), "stream": self._stream_options()}
 
     def load_state_dict(self, sd: dict) -> None:
-        same = sd.get("fingerprint") == self.fingerprint
-        boundary = sd.get("batches_consumed") == 0 and sd.get("data_fingerprint") == self.data_fingerprint
-        if not (same or boundary):
-            old, new = sd.get("layout", {}), self._layout()
-            diff = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k]]
-            what = "; ".join(diff) or "the shard set itself (same sizes, different files)"
+        if sd.get("format") != STATE_FORMAT or sd.get("version") != STATE_VERSION:
             raise LoaderStateError(
-                f"the checkpoint's loader position belongs to another layout ({what}). Resume with the same "
-                f"shards, seed, world size, batch sizes and workers, or from a checkpoint taken at an epoch end")
-        self.epoch, self.consumed = int(sd["epoch"]), int(sd["batches_consumed"])
+                f"this loader state is not a {STATE_FORMAT} v{STATE_VERSION} (found format {sd.get('format')!r}, "
+                f"version {sd.get('version')!r}; states with 'batches_consumed' come from fashionseg before elastic resume "
+                "and record no consumed set): resume with the version that wrote it, or start the run again")
+        _refuse_changes("the data", sd["data"], self._data(), "Resume with the same shards, split, seed and data.subset")
+        mid_epoch = sd["samples_consumed"] > 0 or sd["duplicates_consumed"] > 0
+        if mid_epoch:
+            _refuse_changes("mid-epoch, the epoch's sample stream", sd["stream"], self._stream_options(),
+                            "Change data.chunk_size, data.mix_chunks and data.repeat_factor_threshold only at an epoch end")
+        n = self.samples_per_epoch  # the same every epoch (plan.repeat_multiplicities)
+        if not mid_epoch:  # an epoch end: the stream options and the layout may change freely
+            sd = {**sd, "plan": {**sd["plan"], "consumed_before": None, "duplicates_before": 0, "steps": 0}}
+        elif sd["stream_len"] != n:
+            raise LoaderStateError(f"the checkpoint's epoch {sd['epoch']} has {sd['stream_len']} stream items, this loader's {n}")
+        old = sd["plan"]
+        if {k: old[k] for k in self._layout()} == self._layout():
+            self.layout_change = None
+            self._move_to(sd["epoch"], _unpack(old["consumed_before"], n), old["duplicates_before"], old["steps"])
+            if not 0 <= self.consumed <= self.plan().rank_steps[self.rank]:
+                raise LoaderStateError(f"the checkpoint's position (step {self.consumed}) is past its plan's end")
+            return
+        full_before = self.steps_per_epoch
+        self._move_to(sd["epoch"], _unpack(sd["consumed"], n) if mid_epoch else None, sd["duplicates_consumed"])
+        plan = self.plan()
+        was = _layout_text(old["batch_sizes"], old["workers"])
+        now = _layout_text(self.batch_sizes, self.cfg.workers)
+        steps = f"{plan.rank_steps[self.rank]} steps per rank, {plan.duplicates} duplicates added"
+        epoch_len = f"a full epoch is {full_before} steps on this layout (was {-(-n // sum(old['batch_sizes']))})"
+        if mid_epoch:
+            self.layout_change = (
+                f"data position: epoch {self.epoch}, {sd['samples_consumed']} of {n} samples consumed "
+                f"(+{sd['duplicates_consumed']} duplicates) on {was}; the remaining {plan.originals} re-planned "
+                f"on {now}: {steps}; {epoch_len}")
+        else:
+            self.layout_change = f"data position: epoch {self.epoch} starts on {now} (was {was}): {steps}; {epoch_len}"
 
     # -- iteration -----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], list[dict]]]:
         if self.cfg.tune_malloc:
-            tune_malloc()  # this process paints masks and makes float images (finish_sample)
+            tune_malloc()  # this process paints masks (finish_sample)
         plan, start = self.plan(), self.consumed
         total = plan.rank_steps[self.rank]
         if start < total:
@@ -297,7 +383,7 @@ class ShardLoader:
                     yield batch
             if expected != total:
                 raise RuntimeError(f"loader rank {self.rank}: epoch {plan.epoch} ended after step {expected} of {total}")
-        self.epoch, self.consumed = plan.epoch + 1, 0
+        self._move_to(plan.epoch + 1)
 
     # -- replay --------------------------------------------------------------------------------
     def _index_of(self, key: str) -> int:
@@ -314,17 +400,17 @@ class ShardLoader:
         raw = read_samples(self.shard_dir, self.pool, idx)
         return _finish(_decode(self.transform, [(i, raw[i]) for i in idx], epoch))
 
-    def read_raw(self, keys: Sequence[str]) -> list[tuple[str, bytes, dict]]:
-        """The encoded samples (key, jpg bytes, meta) of `keys`, read from the shards."""
-        idx = [self._index_of(k) for k in keys]
-        raw = read_samples(self.shard_dir, self.pool, idx)
-        return [raw[i] for i in idx]
 
-    def decode_samples(self, samples: Sequence[tuple[str, bytes, dict]], epoch: int) -> tuple[list[torch.Tensor], list[dict]]:
-        """Decode stored raw samples (key, jpg bytes, meta) exactly as the epoch did."""
-        return _finish(_decode(self.transform, [(self._index_of(k), (k, jpg, meta)) for k, jpg, meta in samples], epoch))
+def _refuse_changes(what: str, old: dict, new: dict, advice: str) -> None:
+    diff = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k]]
+    if diff:
+        raise LoaderStateError(f"the checkpoint's loader position cannot continue here: {what} changed "
+                               f"({'; '.join(diff)}). {advice}")
 
 
-def build_loader(cfg: LoaderConfig, shard_dir: str | Path, split: str, *, rank: int, world_size: int, seed: int,
-                 train: bool) -> ShardLoader:
-    return ShardLoader(cfg, shard_dir, split, rank=rank, world_size=world_size, seed=seed, train=train)
+def build_loader(cfg: LoaderConfig, shard_dir: str | Path, split: str, *, rank: int, world_size: int,
+                 batch_sizes: Sequence[int], seed: int, train: bool = True) -> ShardLoader:
+    """The training loader of `split` for one rank of a layout (`batch_sizes`: one per rank)."""
+    if not train:
+        raise ValueError("the shard loader only trains; evaluation reads through fashionseg.data.eval_source")
+    return ShardLoader(cfg, shard_dir, split, rank=rank, world_size=world_size, batch_sizes=batch_sizes, seed=seed)

@@ -1,39 +1,41 @@
 """Epoch plan: which rank, worker and step reads which sample, as a pure function.
 
-`build_plan(split, seed=, epoch=, batch_sizes=, workers=, train=, cfg=)` depends on nothing else
-(no clock, no process state), so every rank and every worker computes the same plan on its own
-and nobody has to broadcast it. This is where the usual webdataset multi-GPU failures are
+`build_plan(split, seed=, epoch=, batch_sizes=, workers=, cfg=, consumed=)` depends on nothing
+else (no clock, no process state), so every rank and every worker computes the same plan on its
+own and nobody has to broadcast it. This is where the usual webdataset multi-GPU failures are
 designed out:
 
-- equal step counts: the epoch's sample stream (N items) is cut into S = ceil(N / B) global
-  steps, B = sum of the per-rank batch sizes; rank r takes b_r items per step, so a rank with a
-  bigger GPU gets proportionally more work and every rank runs exactly S steps. The S*B - N
-  items that even out the last steps are copies of the first items of the stream (`duplicates`,
-  counted and logged); nothing else is seen twice, nothing is dropped.
-- sequential reads: a shard is cut into chunks of `chunk_size` consecutive samples; the shuffle
-  is a seeded chunk order plus a seeded permutation inside windows of `mix_chunks` chunks (a
-  shuffle buffer of chunk_size x mix_chunks samples across shards). Each (rank, worker) consumer
-  gets one contiguous segment of that stream, so it reads a few chunks front to back.
+- one layout-free stream per epoch: a seeded chunk order plus a seeded permutation inside
+  windows of `mix_chunks` chunks (a shuffle buffer of chunk_size x mix_chunks samples across
+  shards), with repeat-factor copies (`epoch_stream`). It depends on the data, the seed, the epoch
+  and the stream options only, never on world size, batch sizes or workers, so "what has been
+  consumed this epoch" is a set of stream positions that any layout can read.
+- equal step counts: the stream items not consumed yet (R; all N at the start of an epoch) are
+  cut into S = ceil(R / B) global steps, B = sum of the per-rank batch sizes; rank r takes b_r
+  items per step, so a bigger GPU gets proportionally more work and every rank runs exactly S
+  steps. The S*B - R items that even out the last steps are copies of the first remaining items
+  (`duplicates`, counted); nothing else is seen twice, nothing is dropped.
+- elastic resume: a run stopped after k steps on layout A continues on layout B by planning
+  B over the positions A had not consumed (`consumed=`, `EpochPlan.consumed_after(k)`); over the
+  whole epoch every stream item is still used once, plus the duplicates each plan counted.
+  A plan with nothing consumed is the plan of the full epoch.
+- sequential reads: each (rank, worker) consumer gets one contiguous segment of the stream, so
+  it reads a few chunks of `chunk_size` consecutive samples front to back.
 - workers: rank step s is produced by worker s % W (W = max(1, workers)); each worker owns the
   samples of its steps, so the batch sequence does not depend on worker timing.
 - repeat-factor sampling (LVIS, Gupta et al. 2019) changes how many times a sample enters the
-  stream (stochastic rounding, seeded per epoch) and aspect-ratio grouping (torchvision's
-  GroupedBatchSampler) only reorders the items inside one consumer's segment: both happen before
-  the stream is cut into steps, so equal step counts still hold.
-
-Validation (`train=False`): the split in manifest order, no repeats, no duplicates, each sample
-on exactly one rank (in proportion to the batch sizes); the last batch of a rank may be short
-and ranks may differ by one step.
+  stream (stochastic rounding, seeded per epoch, a constant total) and aspect-ratio grouping
+  (torchvision's GroupedBatchSampler) only reorders the items inside one consumer's segment:
+  both happen before the stream is cut into steps, so equal step counts still hold.
 
 `shard plan OUT --world-size N ...` prints the plan of one epoch for a layout (module bottom).
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -131,7 +133,7 @@ def repeat_multiplicities(rf: np.ndarray, rng: np.random.Generator) -> np.ndarra
 
 @dataclass
 class Consumer:
-    """What one (rank, worker) produces: its batches (lists of stream positions) in the order it
+    """What one (rank, worker) produces: its batches (lists of plan positions) in the order it
     yields them, and the rank step each batch is."""
 
     rank: int
@@ -142,19 +144,22 @@ class Consumer:
 
 @dataclass
 class EpochPlan:
+    """The plan of the rest of an epoch (all of it when nothing was consumed). Plan position p
+    reads stream position `stream_base[p]`; positions >= `originals` are the duplicates."""
+
     epoch: int
-    train: bool
     batch_sizes: list[int]
     workers: int
     pool: Pool
-    stream_pool: np.ndarray  # int64 [N + duplicates] pool index at each stream position
+    stream_base: np.ndarray  # int64 [R + duplicates] epoch-stream position at each plan position
+    stream_pool: np.ndarray  # int64 [R + duplicates] pool index at each plan position
     stream_window: np.ndarray  # int64 [...] window (read unit) of each position, non-decreasing
-    rank_steps: list[int]  # steps per rank (all equal for train)
+    rank_steps: list[int]  # steps per rank (all equal)
     consumers: dict[tuple[int, int], Consumer]
-    duplicates: int  # stream items added to even out the last steps
-    rfs_repeats: int  # extra items from repeat-factor sampling
+    duplicates: int  # plan positions added to even out the last steps
+    rfs_repeats: int  # extra stream items from repeat-factor sampling
     mixed_batches: int  # aspect-ratio leftovers batched across groups
-    stats: dict = field(default_factory=dict)
+    consumed_before: np.ndarray  # bool [N]: epoch-stream positions consumed before this plan
 
     @property
     def world_size(self) -> int:
@@ -163,6 +168,15 @@ class EpochPlan:
     @property
     def num_workers(self) -> int:
         return max(1, self.workers)
+
+    @property
+    def stream_len(self) -> int:
+        """N: items in the epoch's stream (samples plus repeat-factor extras), whatever the layout."""
+        return len(self.consumed_before)
+
+    @property
+    def originals(self) -> int:
+        return len(self.stream_base) - self.duplicates
 
     def rank_batches(self, rank: int) -> list[list[int]]:
         """Pool indices of every step of `rank`, in step order."""
@@ -176,13 +190,23 @@ class EpochPlan:
     def rank_samples(self, rank: int) -> int:
         return sum(len(b) for w in range(self.num_workers) for b in self.consumers[(rank, w)].batches)
 
+    def consumed_after(self, steps: int) -> tuple[np.ndarray, int]:
+        """(stream positions consumed, duplicates consumed by this plan) once every rank has taken
+        its first `steps` steps: the layout-free position a checkpoint stores."""
+        mask = self.consumed_before.copy()
+        taken = [p for c in self.consumers.values() for s, b in zip(c.steps, c.batches) if s < steps for p in b]
+        taken_arr = np.asarray(taken, np.int64)
+        originals = taken_arr[taken_arr < self.originals]
+        mask[self.stream_base[originals]] = True
+        return mask, int(len(taken_arr) - len(originals))
+
     def summary(self) -> dict:
         """The facts worth logging at the start of an epoch."""
         return {
             "epoch": self.epoch,
-            "train": self.train,
             "num_samples": len(self.pool),
-            "stream": int(len(self.stream_pool)),
+            "stream": self.stream_len,
+            "consumed_before": int(self.consumed_before.sum()),
             "duplicates": self.duplicates,
             "rfs_repeats": self.rfs_repeats,
             "mixed_batches": self.mixed_batches,
@@ -209,9 +233,9 @@ def _seed_words(seed: int, epoch: int, stream: int) -> list[int]:
 
 
 def _group_batches(positions: list[int], size: int, groups: np.ndarray | None) -> tuple[list[list[int]], int]:
-    """Cut a consumer's positions (a multiple of `size` for train) into batches; with `groups`
-    (group id per position) batch like torchvision's GroupedBatchSampler: a batch is emitted as
-    soon as one group has `size` items; the leftovers are batched together at the end."""
+    """Cut a consumer's positions (a multiple of `size`) into batches; with `groups` (group id per
+    position) batch like torchvision's GroupedBatchSampler: a batch is emitted as soon as one
+    group has `size` items; the leftovers are batched together at the end."""
     if groups is None:
         return [positions[i : i + size] for i in range(0, len(positions), size)], 0
     buckets: dict[int, list[int]] = {}
@@ -227,92 +251,67 @@ def _group_batches(positions: list[int], size: int, groups: np.ndarray | None) -
     return out + mixed, len(mixed)
 
 
-def build_plan(split: dict, *, seed: int, epoch: int, batch_sizes: Sequence[int], workers: int, train: bool,
-               cfg: PlanConfig = PlanConfig(), pool: Pool | None = None) -> EpochPlan:
-    """The plan of one epoch; a pure function of its arguments (`pool` is only a cache of
-    `build_pool(split, cfg.subset)`)."""
-    bs = check_layout(batch_sizes, workers)
-    world, W = len(bs), max(1, workers)
-    pool = pool if pool is not None else build_pool(split, cfg.subset)
+def epoch_stream(pool: Pool, *, seed: int, epoch: int, cfg: PlanConfig) -> tuple[np.ndarray, np.ndarray, int]:
+    """The epoch's layout-free stream: (pool index, window) per position, and the number of
+    repeat-factor extras in it. Windows are the read units, in stream order."""
     P = len(pool)
-    # chunks: consecutive samples of one shard
-    chunks: list[np.ndarray] = []
-    if P:
-        bounds = np.flatnonzero(np.diff(pool.shard)) + 1
-        for part in np.split(np.arange(P), bounds):
-            chunks.extend(part[i : i + cfg.chunk_size] for i in range(0, len(part), cfg.chunk_size))
-    rfs_repeats = 0
-    if train:
-        if P == 0:
-            raise PlanError("the training split has no samples")
-        rng = np.random.default_rng(_seed_words(seed, epoch, 1))
-        mult = repeat_multiplicities(repeat_factors(pool.categories, cfg.repeat_factor_threshold), rng)
-        rfs_repeats = int(mult.sum() - P)
-        order = rng.permutation(len(chunks))
-        pieces, windows = [], []
-        for wi, start in enumerate(range(0, len(order), cfg.mix_chunks)):
-            members = np.concatenate([chunks[c] for c in order[start : start + cfg.mix_chunks]])
-            items = rng.permutation(np.repeat(members, mult[members]))
-            pieces.append(items)
-            windows.append(np.full(len(items), wi, np.int64))
-        stream = np.concatenate(pieces)
-        window = np.concatenate(windows)
-        n, B = len(stream), sum(bs)
-        if n < B:
-            raise PlanError(f"the split has {n} samples per epoch, fewer than one global batch "
-                            f"({'+'.join(map(str, bs))} = {B}); use smaller batches or fewer ranks")
-        steps = -(-n // B)
-        dup = steps * B - n
-        stream = np.concatenate([stream, stream[:dup]])
-        window = np.concatenate([window, np.full(dup, window[-1] + 1, np.int64)])
-        rank_steps = [steps] * world
-        step_sizes = [[b] * steps for b in bs]
-    else:
-        stream = np.arange(P, dtype=np.int64)
-        window = np.zeros(P, np.int64)
-        for ci, c in enumerate(chunks):
-            window[c] = ci
-        dup, B = 0, sum(bs)
-        share = [P * b // B for b in bs]
-        for r in range(P - sum(share)):
-            share[r % world] += 1
-        rank_steps = [-(-n // b) for n, b in zip(share, bs)]
-        step_sizes = [[min(b, n - i * b) for i in range(k)] for n, b, k in zip(share, bs, rank_steps)]
-    landscape = pool.landscape[stream] if (train and cfg.group_aspect_ratio) else None
+    if P == 0:
+        raise PlanError("the training split has no samples")
+    chunks: list[np.ndarray] = []  # consecutive samples of one shard
+    bounds = np.flatnonzero(np.diff(pool.shard)) + 1
+    for part in np.split(np.arange(P), bounds):
+        chunks.extend(part[i : i + cfg.chunk_size] for i in range(0, len(part), cfg.chunk_size))
+    rng = np.random.default_rng(_seed_words(seed, epoch, 1))
+    mult = repeat_multiplicities(repeat_factors(pool.categories, cfg.repeat_factor_threshold), rng)
+    order = rng.permutation(len(chunks))
+    pieces, windows = [], []
+    for wi, start in enumerate(range(0, len(order), cfg.mix_chunks)):
+        members = np.concatenate([chunks[c] for c in order[start : start + cfg.mix_chunks]])
+        items = rng.permutation(np.repeat(members, mult[members]))
+        pieces.append(items)
+        windows.append(np.full(len(items), wi, np.int64))
+    return np.concatenate(pieces), np.concatenate(windows), int(mult.sum() - P)
+
+
+def build_plan(split: dict, *, seed: int, epoch: int, batch_sizes: Sequence[int], workers: int,
+               cfg: PlanConfig = PlanConfig(), pool: Pool | None = None, consumed: np.ndarray | None = None) -> EpochPlan:
+    """The plan of one epoch, or of its rest when `consumed` (bool per epoch-stream position)
+    marks what earlier steps, on any layout, already used; a pure function of its arguments
+    (`pool` is only a cache of `build_pool(split, cfg.subset)`)."""
+    bs = check_layout(batch_sizes, workers)
+    world, W, B = len(bs), max(1, workers), sum(bs)
+    pool = pool if pool is not None else build_pool(split, cfg.subset)
+    base_pool, base_window, rfs_repeats = epoch_stream(pool, seed=seed, epoch=epoch, cfg=cfg)
+    n = len(base_pool)
+    if consumed is None:
+        consumed = np.zeros(n, bool)
+    elif consumed.shape != (n,):
+        raise PlanError(f"the consumed set covers {len(consumed)} stream positions, the epoch has {n}")
+    if n < B:
+        raise PlanError(f"the split has {n} samples per epoch, fewer than one global batch "
+                        f"({'+'.join(map(str, bs))} = {B}); use smaller batches or fewer ranks")
+    remaining = np.flatnonzero(~consumed)
+    R = len(remaining)
+    steps = -(-R // B)
+    dup = steps * B - R  # < B; may exceed R near the end of an epoch: the copies then cycle
+    base = np.concatenate([remaining, remaining[np.arange(dup) % max(R, 1)]]) if R else remaining
+    stream = base_pool[base]
+    window = np.concatenate([base_window[remaining], np.full(dup, (base_window[remaining[-1]] + 1) if R else 0, np.int64)])
+    landscape = pool.landscape[stream] if cfg.group_aspect_ratio else None
     consumers: dict[tuple[int, int], Consumer] = {}
     mixed_total, pos = 0, 0
     for r in range(world):
         for w in range(W):
-            my_steps = list(range(w, rank_steps[r], W))
-            n_items = sum(step_sizes[r][s] for s in my_steps)
-            positions = list(range(pos, pos + n_items))
+            my_steps = list(range(w, steps, W))
+            n_items = len(my_steps) * bs[r]
+            groups = None if landscape is None else landscape[pos : pos + n_items].astype(np.int64)
+            batches, mixed = _group_batches(list(range(pos, pos + n_items)), bs[r], groups)
             pos += n_items
-            if train:
-                groups = None if landscape is None else landscape[pos - n_items : pos].astype(np.int64)
-                batches, mixed = _group_batches(positions, bs[r], groups)
-                mixed_total += mixed
-            else:
-                batches, i = [], 0
-                for s in my_steps:
-                    batches.append(positions[i : i + step_sizes[r][s]])
-                    i += step_sizes[r][s]
+            mixed_total += mixed
             consumers[(r, w)] = Consumer(r, w, my_steps, batches)
     assert pos == len(stream)
-    return EpochPlan(epoch, train, bs, workers, pool, stream, window, rank_steps, consumers, int(dup),
-                     rfs_repeats, mixed_total)
-
-
-def fingerprint(split: dict, *, seed: int, batch_sizes: Sequence[int] | None, workers: int | None, train: bool,
-                cfg: PlanConfig) -> str:
-    """Short hash of everything the batch sequence depends on. `batch_sizes`/`workers` None gives
-    the data-only part (what must match to resume at an epoch boundary with another layout)."""
-    h = hashlib.sha256()
-    h.update(json.dumps({"seed": int(seed), "train": train, "cfg": asdict(cfg),
-                         "batch_sizes": None if batch_sizes is None else [int(b) for b in batch_sizes],
-                         "workers": workers}, sort_keys=True).encode())
-    for sh in split["shards"]:
-        h.update(f"{sh['name']}:{sh.get('sha256', '')}:{sh['num_samples']};".encode())
-    return h.hexdigest()[:16]
+    return EpochPlan(epoch, bs, workers, pool, base, stream, window, [steps] * world, consumers, int(dup),
+                     rfs_repeats, mixed_total, consumed.copy())
 
 
 # -- `shard plan` -------------------------------------------------------------------------------
@@ -332,7 +331,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=2, help="loader workers per rank (default 2)")
     p.add_argument("--epoch", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--split", default="train", help="train (default) or val")
+    p.add_argument("--split", default="train", help="the split to plan as a training split (default train)")
     p.add_argument("--repeat-factor-threshold", type=float, default=0.0, help="LVIS repeat-factor sampling t; 0 = off")
     p.add_argument("--no-group-aspect-ratio", action="store_true")
     p.add_argument("--subset", type=int, default=None, help="only the first N samples")
@@ -360,7 +359,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = PlanConfig(repeat_factor_threshold=args.repeat_factor_threshold,
                          group_aspect_ratio=not args.no_group_aspect_ratio, subset=args.subset)
         plan = build_plan(manifest["splits"][args.split], seed=args.seed, epoch=args.epoch, batch_sizes=bs,
-                          workers=args.workers, train=args.split == "train", cfg=cfg)
+                          workers=args.workers, cfg=cfg)
     except (ManifestError, PlanError) as e:
         return fail(str(e))
     s = plan.summary()
