@@ -51,7 +51,7 @@ def test_yields_the_plan_and_targets(synth_shards):
         assert len(images) == len(targets) == 2
         for img, t in zip(images, targets):
             h, w = img.shape[1:]
-            assert img.dtype in (torch.uint8, torch.float32) and img.shape[0] == 3 and min(h, w) in (48, 64, 80)
+            assert img.dtype == torch.uint8 and img.shape[0] == 3 and min(h, w) in (48, 64, 80)
             n = t["boxes"].shape[0]
             assert t["masks"].shape == (n, h, w) and t["masks"].dtype == torch.uint8
             assert t["labels"].dtype == torch.int64 and ((t["labels"] >= 1) & (t["labels"] <= C)).all()

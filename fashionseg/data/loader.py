@@ -62,7 +62,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from fashionseg.data.plan import EpochPlan, PlanConfig, PlanError, Pool, build_plan, build_pool
-from fashionseg.data.shards.reader import ManifestError, ShardError, iter_shard, read_manifest
+from fashionseg.data.shards.reader import ManifestError, read_manifest, read_samples
 from fashionseg.data.transforms import SampleTransform, finish_sample
 from fashionseg.data.vocab import Vocab
 
@@ -102,34 +102,6 @@ class LoaderConfig:
 
 
 # -- reading --------------------------------------------------------------------------------------
-def read_samples(shard_dir: Path, pool: Pool, indices, gap: int = 64) -> dict[int, tuple[str, bytes, dict]]:
-    """Raw samples of the given pool indices: per shard, in runs of nearby samples, each run one
-    seek plus a sequential read (samples in a gap of <= `gap` are read through, not decoded)."""
-    out: dict[int, tuple[str, bytes, dict]] = {}
-    todo = sorted(set(int(i) for i in indices))  # pool order = shard order, then sample order
-    for _, group in itertools.groupby(todo, key=lambda i: int(pool.shard[i])):
-        group = list(group)
-        runs, run = [], [group[0]]
-        for i in group[1:]:
-            if i - run[-1] <= gap:
-                run.append(i)
-            else:
-                runs.append(run)
-                run = [i]
-        runs.append(run)
-        for run in runs:
-            first, wanted = run[0], set(run)
-            path = shard_dir / pool.shard_names[int(pool.shard[first])]
-            for j, (key, jpg, meta) in enumerate(iter_shard(path, int(pool.offset[first]), run[-1] - first + 1)):
-                i = first + j
-                if key != pool.keys[i]:
-                    raise ShardError(f"{path}: expected sample '{pool.keys[i]}' at byte {int(pool.offset[i])}, found '{key}': "
-                                     f"the manifest does not describe this shard; run `shard verify {shard_dir}`")
-                if i in wanted:
-                    out[i] = (key, jpg, meta)
-    return out
-
-
 def iter_raw_batches(shard_dir: Path, plan: EpochPlan, batches: list[list[int]]) -> Iterator[list[tuple[int, tuple]]]:
     """Raw samples of `batches` (stream positions), batch by batch, reading the stream window by
     window (each window's samples once, nearby ones in one sequential read) and holding raw bytes
@@ -168,7 +140,8 @@ def _decode(transform: SampleTransform, batch, epoch: int) -> list[tuple[torch.T
 
 
 def _finish(decoded: list[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Tensor], list[dict]]:
-    """In the consuming process: the training pairs of what workers sent (transforms.finish_sample)."""
+    """In the consuming process: the training pairs of what workers sent (transforms.finish_sample):
+    uint8 images (the model converts on its device) and painted masks."""
     pairs = [finish_sample(img, wire) for img, wire in decoded]
     return [p[0] for p in pairs], [p[1] for p in pairs]
 

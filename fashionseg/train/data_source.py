@@ -35,8 +35,8 @@ class EpochStream:
     def end_step(self) -> None:
         """Called once after every optimizer step."""
         self.last_epoch = self.loader.epoch
-        left = len(self.loader) - self.loader.consumed
-        self.step_in_epoch = self.loader.consumed // self.accumulate
+        left = self.loader.steps_left()
+        self.step_in_epoch = max(0, self.loader.steps_per_epoch - left) // self.accumulate
         self.epoch_ended = left < self.accumulate
         if self.epoch_ended:
             self._it = None  # close the finished epoch's iterator (and its workers)
@@ -49,7 +49,7 @@ class EpochStream:
         self.loader.load_state_dict(state)
         self._it = None
         self.last_epoch = self.loader.epoch
-        self.step_in_epoch = self.loader.consumed // self.accumulate
+        self.step_in_epoch = max(0, self.loader.steps_per_epoch - self.loader.steps_left()) // self.accumulate
 
 
 class FixedBatches:

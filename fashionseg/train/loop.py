@@ -109,14 +109,14 @@ class Trainer:
 
         self.loader = self._build_loader()
         self.vocab = self.loader.vocab
-        self.steps_per_epoch = len(self.loader) // t.accumulate_steps
+        self.steps_per_epoch = self.loader.steps_per_epoch // t.accumulate_steps
         if self.steps_per_epoch < 1:
-            raise TrainingError(f"one epoch has {len(self.loader)} batches per rank, fewer than "
+            raise TrainingError(f"one epoch has {self.loader.steps_per_epoch} batches per rank, fewer than "
                                 f"train.accumulate_steps={t.accumulate_steps}: lower it or use more data")
         self.data = (FixedBatches(self.loader, opts.overfit_batches, t.accumulate_steps) if opts.overfit_batches
                      else EpochStream(self.loader, t.accumulate_steps))
         self.max_steps = t.max_steps if t.max_steps is not None else t.epochs * self.steps_per_epoch
-        warmup = default_warmup_iters(t, self.steps_per_epoch)
+        self.warmup = warmup = default_warmup_iters(t, self.steps_per_epoch)
         self.peak_lr, lr_how = self.layout.lr(t)
 
         self.model, self.optimizer = self._build_model_and_optimizer()
@@ -143,15 +143,11 @@ class Trainer:
     # .. building ...............................................................................
     def _build_loader(self):
         from fashionseg.data.loader import build_loader
-        fields = {f.name for f in dataclasses.fields(self.cfg.data)}
-        changes: dict[str, Any] = {"batch_sizes": list(self.layout.batch_sizes)} if "batch_sizes" in fields else {}
-        if "batch_size" in fields:
-            changes["batch_size"] = self.layout.local_batch
-        if self.opts.debug and self.cfg.data.subset is None:
-            changes["subset"] = DEBUG_SUBSET
-        cfg = dataclasses.replace(self.cfg.data, **changes)
+        cfg = self.cfg.data
+        if self.opts.debug and cfg.subset is None:
+            cfg = dataclasses.replace(cfg, subset=DEBUG_SUBSET)
         return build_loader(cfg, self.opts.shards, "train", rank=self.layout.rank, world_size=self.layout.world,
-                            seed=self.cfg.train.seed, train=True)
+                            batch_sizes=self.layout.batch_sizes, seed=self.cfg.train.seed)
 
     def _build_model_and_optimizer(self):
         from fashionseg.model.build import build_model, trainable_parameters
@@ -229,16 +225,25 @@ class Trainer:
             self.say(f"checkpoint: {path} (step {self.state.step})")
 
     def restore(self, path: Path) -> None:
+        """Every part back from checkpoint `path`. On another layout (world size, per-rank batch
+        sizes) the data position is re-planned (the loader's state is layout-free, the same on every
+        rank), the per-rank RNG and miner start afresh and the schedule is re-derived (elastic.py)."""
+        from fashionseg.train.elastic import resume_on_new_layout
         state = ckpt_lib.read(path)
-        meta = state["meta"]
-        if meta["world_size"] != self.layout.world or meta["batch_sizes"] != self.layout.batch_sizes:
-            raise TrainingError(
-                f"{path}: saved with {meta['world_size']} process(es), batch sizes {meta['batch_sizes']}; this job has "
-                f"{self.layout.world}, {self.layout.batch_sizes}. A step-exact resume needs the same layout "
-                "(the loader's split and every rank's RNG depend on it)")
+        meta, ranks = state["meta"], state["ranks"]
+        same = meta["world_size"] == self.layout.world and meta["batch_sizes"] == self.layout.batch_sizes
+        if not same and self.cfg.train.backend == "deepspeed":
+            raise TrainingError(f"{path}: DeepSpeed keeps model and optimizer sharded per rank ({meta['world_size']} "
+                                f"process(es)); resume it on {meta['world_size']} processes, or use train.backend=ddp")
         self.backend.external_load(Path(path) / ckpt_lib.DS_DIR)
         ckpt_lib.load_parts(self.parts(), state["parts"], str(path))
-        ckpt_lib.load_parts(self.rank_parts(), state["ranks"][self.layout.rank], f"{path} (rank {self.layout.rank})")
+        mine = ranks[self.layout.rank] if same else {"loader": ranks[0]["loader"]}
+        ckpt_lib.load_parts({"loader": self.data, **({"miner": self.miner, "rng": self.rng} if same else {})}, mine,
+                            f"{path} (rank {self.layout.rank})")
+        if not same:
+            resume_on_new_layout(self, meta)
+        elif self.loader.layout_change:  # same ranks, other loader workers
+            self.say(self.loader.layout_change)
         self.say(f"resumed from {path} at step {self.state.step}")
 
     def measure_loss(self, batch) -> dict[str, float]:
