@@ -7,7 +7,7 @@ import torch
 
 from fashionseg.model.gpu import (
     GPUCompatibilityError, arch_supported, check_gpu_support, check_gpus, install_command, parse_arch,
-    pinned_versions, precision_note, recommended_mixed_precision, supports_bf16, unsupported_gpus,
+    pinned_versions, unsupported_gpus,
 )
 
 CU128 = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]
@@ -68,15 +68,6 @@ def test_pins_come_from_the_project_metadata():
     assert f"torch=={torch_v}" in requires and f"torchvision=={tv_v}" in requires
     assert "cu126" not in install_command((8, 0)) and "cu126" in install_command((7, 0))
     assert install_command((3, 7)).startswith("(none")
-
-
-def test_precision_helpers():
-    assert supports_bf16((8, 0)) and supports_bf16((12, 0)) and not supports_bf16((7, 5))
-    assert [recommended_mixed_precision(c) for c in [(6, 1), (7, 0), (7, 5), (8, 6), (9, 0)]] == \
-        ["no", "fp16", "fp16", "bf16", "bf16"]
-    assert "1/64" in precision_note((6, 1), "GTX 1080 Ti")
-    assert "fp32" in precision_note((5, 2))
-    assert precision_note((9, 0)) is None
 
 
 def test_check_gpus_on_this_machine():

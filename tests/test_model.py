@@ -1,14 +1,15 @@
 """Mask R-CNN + attribute head: every backbone trains and predicts on CPU, losses fall on a tiny set."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from torchvision.ops import FrozenBatchNorm2d, box_iou
 
 from fashionseg.model.attributes import AttributeLoss
 from fashionseg.model.build import (
-    BACKBONES, LOSS_NAMES, ModelConfig, apply_freeze_schedule, binarize_masks, build_model,
-    set_postprocess, trainable_parameters,
+    BACKBONES, LOSS_NAMES, ModelConfig, apply_freeze_schedule, build_model, set_postprocess, trainable_parameters,
 )
 
 torch.set_num_threads(1)
@@ -17,7 +18,7 @@ torch.set_num_threads(1)
 def tiny_config(backbone: str, **kw) -> ModelConfig:
     """Small enough for a 2-core CPU: 64-96 px, a few dozen proposals and RoIs."""
     small_anchors = (16, 32, 64) if backbone == "mobilenet_v3_large_fpn" else (16, 32, 64, 128, 256)
-    base = dict(backbone=backbone, min_size=80, max_size=96, anchor_sizes=small_anchors,
+    base = dict(backbone=backbone, anchor_sizes=small_anchors,
                 rpn_batch_size_per_image=32, box_batch_size_per_image=32,
                 rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=100,
                 rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=100,
@@ -134,7 +135,6 @@ def test_loss_weights_from_config_partial_and_validated():
         ModelConfig(backbone="resnet101_fpn")
     with pytest.raises(ValueError, match="model.anchor_sizes"):
         ModelConfig(anchor_sizes=(32, 64))
-    assert ModelConfig(min_size=[640, 800]).min_size == (640, 800)  # YAML lists -> multi-scale tuple
 
 
 def test_attribute_losses_match_their_definitions():
@@ -183,11 +183,10 @@ def test_postprocess_settings_apply_without_rebuild():
     with torch.no_grad():
         (none,) = model([img])
     assert len(none["boxes"]) == 0 and none["attribute_scores"].shape == (0, 294)
-    probs = torch.tensor([[[[0.2, 0.3], [0.31, 0.9]]]])
-    assert binarize_masks(probs, model.mask_thresh).tolist() == [[[False, False], [True, True]]]
 
 
-def test_freeze_schedule_trains_heads_only_then_everything():
+def test_freeze_schedule_trains_heads_only_then_everything(caplog):
+    caplog.set_level(logging.INFO, logger="fashionseg")
     torch.manual_seed(0)
     model = build_model(tiny_config("mobilenet_v3_large_fpn", freeze_backbone_steps=2), 47, 294)
     params = trainable_parameters(model)
@@ -214,6 +213,10 @@ def test_freeze_schedule_trains_heads_only_then_everything():
     opt.step()
     assert not torch.equal(model.backbone.fpn.inner_blocks[0][0].weight, backbone_before["fpn.inner_blocks.0.0.weight"])
     assert apply_freeze_schedule(model, 3) is False
+    # each change is logged once (no print), so the CLI's logging configuration shows it
+    assert [(r.name, r.getMessage()) for r in caplog.records] == [
+        ("fashionseg.model.build", "backbone frozen (heads only) at step 0"),
+        ("fashionseg.model.build", "backbone unfrozen at step 2")]
 
 
 def test_trainable_backbone_layers_only_with_pretrained(tmp_path):
@@ -261,12 +264,11 @@ def test_freeze_schedule_refuses_a_backbone_frozen_before_ddp(single_process_gro
     assert apply_freeze_schedule(ddp, 1) is True and not model.backbone_frozen
 
 
-@pytest.mark.parametrize("resize_in_train", [True, False])
-def test_training_images_keep_the_loaders_size_unless_asked(resize_in_train):
-    """The trainer's loader already resized (multi-scale, masks in RLE): with resize_in_train=False
-    the backbone sees training images at their own size; eval mode always resizes to min_size."""
+def test_the_model_never_resizes():
+    """The data layer owns every resize: the backbone sees each image at its own size (padded to
+    a multiple of 32) in training and at inference, and the old resize keys are gone."""
     torch.manual_seed(0)
-    model = build_model(tiny_config("resnet18_fpn", min_size=32, max_size=48, resize_in_train=resize_in_train), 8, 24)
+    model = build_model(tiny_config("resnet18_fpn"), 8, 24)
     seen = []
     model.backbone.register_forward_pre_hook(lambda mod, args: seen.append(tuple(args[0].shape[-2:])))
     img, target = synthetic_image(96, 64, [(8, 8, 40, 60)], [1], [[0]], 24)
@@ -274,7 +276,134 @@ def test_training_images_keep_the_loaders_size_unless_asked(resize_in_train):
     model([img], [target])
     model.eval()
     with torch.no_grad():
-        model([img])
-    resized = (64, 32)  # 96x64 scaled by min(32/64, 48/96) to 48x32, padded to multiples of 32
-    assert seen[0] == (resized if resize_in_train else (96, 64))
-    assert seen[1] == resized
+        (out,) = model([img])
+    assert seen == [(96, 64), (96, 64)]
+    assert out["masks"].shape[-2:] == (96, 64)
+    for key in ("min_size", "max_size", "resize_in_train"):
+        with pytest.raises(TypeError, match=key):
+            ModelConfig(**{key: 96})
+
+
+def test_uint8_images_give_the_same_losses_and_detections_as_float():
+    """Contract 2: uint8 [3, H, W] is converted with float() / 255 by the model itself."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config("resnet18_fpn", score_thresh=0.0), 8, 24)
+    img, target = synthetic_image(80, 96, [(8, 8, 40, 60), (50, 20, 90, 70)], [1, 3], [[0, 4], [7]], 24)
+    as_uint8 = (img * 255).round().to(torch.uint8)
+    as_float = as_uint8.float() / 255
+    model.train()
+    runs = []
+    for image in (as_uint8, as_float):
+        torch.manual_seed(1)  # same RPN / RoI sampling
+        runs.append(model([image], [target]))
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in LOSS_NAMES)
+    model.eval()
+    with torch.no_grad():
+        (a,), (b,) = model([as_uint8]), model([as_float])
+    assert len(a["boxes"]) > 0 and set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class DiscMasks(torch.nn.Module):
+    """Mask predictor stand-in: the same disc (logit 10 * (0.4 - r)) in every RoI, for every class,
+    so a pasted mask has a known shape at any output size."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.num_classes = num_classes
+
+    def forward(self, x):
+        yy, xx = torch.meshgrid(torch.linspace(-1, 1, 28), torch.linspace(-1, 1, 28), indexing="ij")
+        disc = 10 * (0.4 - (yy ** 2 + xx ** 2).sqrt())
+        return disc.expand(len(x), self.num_classes, 28, 28)
+
+
+def test_output_sizes_scale_boxes_and_paste_masks_at_that_size():
+    """Contract 3: at output_sizes=(2H, 2W) the boxes double and the masks, pasted straight at that
+    size, agree with the input-grid masks (nearest-upsampled) up to the edge pixels."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config("resnet18_fpn", score_thresh=0.0), 8, 24).eval()
+    model.roi_heads.mask_predictor = DiscMasks(8)
+    img, _ = synthetic_image(80, 96, [(8, 8, 40, 60), (50, 20, 90, 70)], [1, 3], [[0, 4], [7]], 24)
+    with torch.no_grad():
+        (small,) = model([img])
+        (big,) = model([img], output_sizes=[(160, 192)])
+    n = len(small["boxes"])
+    assert n > 0 and big["masks"].shape == (n, 1, 160, 192) and small["masks"].shape == (n, 1, 80, 96)
+    assert torch.allclose(big["boxes"], small["boxes"] * 2)
+    for k in ("labels", "scores", "attribute_scores"):
+        assert torch.equal(big[k], small[k])
+    up = torch.nn.functional.interpolate(small["masks"], scale_factor=2, mode="nearest") > 0.5
+    pasted = big["masks"] > 0.5
+    inter, union = (up & pasted).flatten(1).sum(1), (up | pasted).flatten(1).sum(1)
+    solid = up.flatten(1).sum(1) >= 4 * 150  # >= 150 px at the input grid: edges do not dominate
+    assert solid.sum() >= 3
+    assert (inter[solid] / union[solid]).min() > 0.88
+    # the pasted disc lies inside its (doubled) box: nothing is resampled from another grid
+    for box, mask in zip(big["boxes"][solid], pasted[solid]):
+        ys, xs = torch.where(mask[0])
+        assert xs.min() >= box[0].floor() - 1 and xs.max() <= box[2].ceil() and ys.min() >= box[1].floor() - 1
+    with pytest.raises(ValueError, match="one \\(H, W\\) per image"):
+        model([img, img], output_sizes=[(160, 192)])
+
+
+def test_detections_are_torchvisions_and_carry_their_proposals_attributes():
+    """Inference keeps torchvision's detections exactly; each detection's attribute scores are the
+    attribute head on the box features of the proposal it was decoded from (no second RoIAlign)."""
+    from torchvision.models.detection.roi_heads import RoIHeads
+    from torchvision.ops import clip_boxes_to_image
+
+    torch.manual_seed(0)
+    model = build_model(tiny_config("resnet18_fpn", score_thresh=0.0), 8, 24).eval()
+    heads = model.roi_heads
+    images = [d[0] for d in two_images(24)]
+    with torch.no_grad():
+        batch, _ = model.transform(images)
+        features = model.backbone(batch.tensors)
+        proposals, _ = model.rpn(batch, features)
+        box_features = heads.box_head(heads.box_roi_pool(features, proposals, batch.image_sizes))
+        logits, regression = heads.box_predictor(box_features)
+        ours = heads.postprocess_detections(logits, regression, proposals, batch.image_sizes)
+        rows = heads._detection_rows
+        theirs = RoIHeads.postprocess_detections(heads, logits, regression, proposals, batch.image_sizes)
+        outputs = model(images)
+    decoded = heads.box_coder.decode(regression, proposals)
+    probs = logits.softmax(-1)
+    for i, out in enumerate(outputs):
+        boxes, scores, labels = ours[0][i], ours[1][i], ours[2][i]
+        assert len(boxes) > 0 and all(torch.equal(a[i], b[i]) for a, b in zip(ours, theirs))
+        assert torch.equal(out["boxes"], boxes) and torch.equal(out["labels"], labels)
+        size = batch.image_sizes[i]
+        assert torch.equal(clip_boxes_to_image(decoded[rows[i], labels], size), boxes)  # its own proposal
+        assert torch.equal(probs[rows[i], labels], scores)
+        expected = heads.attribute_head(box_features[rows[i]]).sigmoid()
+        assert torch.allclose(out["attribute_scores"], expected, atol=1e-6)
+
+
+def test_attribute_loss_is_computed_on_the_sampled_positives():
+    """Training: loss_attributes equals the loss of the attribute head on the sampled positive
+    proposals, re-pooled here the old way, against the attributes of their matched ground truth."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config("resnet18_fpn"), 8, 24).train()
+    heads = model.roi_heads
+    data = two_images(24)
+    images, targets = [d[0] for d in data], [d[1] for d in data]
+    seen = {}
+    heads.register_forward_pre_hook(lambda mod, args: seen.update(features=args[0], image_sizes=args[2]))
+    sample = heads.select_training_samples
+
+    def keep_samples(proposals, tgts):
+        seen["samples"] = sample(proposals, tgts)
+        return seen["samples"]
+
+    heads.select_training_samples = keep_samples
+    losses = model(images, targets)
+    proposals, matched, labels, _ = seen["samples"]
+    boxes, gt = [], []
+    for props, idx, lab, t in zip(proposals, matched, labels, targets):
+        pos = torch.where(lab > 0)[0]
+        boxes.append(props[pos])
+        gt.append(t["attributes"][idx[pos]])
+    assert sum(len(b) for b in boxes) > 0
+    repooled = heads.box_head(heads.box_roi_pool(seen["features"], boxes, seen["image_sizes"]))
+    expected = heads.attribute_loss(heads.attribute_head(repooled), torch.cat(gt))
+    assert torch.allclose(losses["loss_attributes"], expected, rtol=1e-5)

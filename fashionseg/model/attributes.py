@@ -1,12 +1,18 @@
 """Fashionpedia's attribute head: multi-label attributes per instance, on the box head's features.
 
 Attribute-Mask R-CNN (Fashionpedia) classifies attributes from the same RoI representation the
-box classifier uses. `AttributeRoIHeads` is torchvision's RoIHeads plus that branch, following
-the mask branch exactly: in training it takes the positive sampled proposals and their matched
-ground truth (the proposals/matched indices torchvision's own sampling produced, kept by
-`select_training_samples`); at inference it re-pools the final detections' boxes. Features are
-`box_head(box_roi_pool(...))`, so the box head (TwoMLPHead / ConvFC head) is shared and learns
-from the attribute loss too; `AttributeHead` is a small MLP on top of it.
+box classifier uses. `AttributeRoIHeads` is torchvision's RoIHeads plus that branch, fed with the
+box features RoIHeads has just computed (kept by a forward hook on `box_head`; no second RoIAlign
+or box-head pass):
+- training: the rows of the sampled positive proposals, with the attributes of the ground truth
+  torchvision's own sampling matched them to (`select_training_samples` keeps labels/matches);
+- inference: the row of the proposal each final detection came from (`postprocess_detections`
+  keeps that index), as Fashionpedia's reference gathers attribute outputs with the detections.
+  The class score and the attributes of a detection then come from one feature vector, the one
+  the head was trained on (proposal features); re-pooling at the regressed box would feed the
+  head features of a distribution it never saw in training, and cost a RoIAlign + box head.
+The box head (TwoMLPHead / ConvFC head) is shared and learns from the attribute loss too;
+`AttributeHead` is a small MLP on top of it.
 
 Losses (over positive RoIs x attributes, computed in fp32):
 - "focal": sigmoid focal loss summed, divided by the number of positive labels (RetinaNet's
@@ -24,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.roi_heads import RoIHeads
-from torchvision.ops import sigmoid_focal_loss
+from torchvision.ops import boxes as box_ops, sigmoid_focal_loss
 
 ATTRIBUTE_LOSSES = ("bce", "focal")
 
@@ -74,53 +80,79 @@ class AttributeRoIHeads(RoIHeads):
         super().__init__(*args, **kwargs)
         self.attribute_head = attribute_head
         self.attribute_loss = attribute_loss
-        self._sampled: Optional[tuple[list[Tensor], list[Tensor], list[Tensor]]] = None
+        # filled and consumed within one forward: box features, training samples, detection rows
+        self._box_features: Optional[Tensor] = None
+        self._sampled: Optional[tuple[list[Tensor], list[Tensor]]] = None
+        self._detection_rows: Optional[list[Tensor]] = None
+        self.box_head.register_forward_hook(self._keep_box_features)
+
+    def _keep_box_features(self, module, inputs, output: Tensor) -> None:
+        self._box_features = output
 
     def select_training_samples(self, proposals, targets):
         proposals, matched_idxs, labels, regression_targets = super().select_training_samples(proposals, targets)
-        self._sampled = (proposals, matched_idxs, labels)  # consumed by forward, same call
+        self._sampled = (matched_idxs, labels)
         return proposals, matched_idxs, labels, regression_targets
 
-    def attribute_logits(self, features: dict[str, Tensor], boxes: list[Tensor],
-                         image_shapes: list[tuple[int, int]]) -> Tensor:
-        x = self.box_roi_pool(features, boxes, image_shapes)
-        return self.attribute_head(self.box_head(x))
+    def postprocess_detections(self, class_logits, box_regression, proposals, image_shapes):
+        """torchvision's, keeping for each detection the row (over all images) of its proposal."""
+        num_classes = class_logits.shape[-1]
+        counts = [len(p) for p in proposals]
+        pred_boxes = self.box_coder.decode(box_regression, proposals).split(counts)
+        pred_scores = F.softmax(class_logits, -1).split(counts)
+        all_boxes, all_scores, all_labels, all_rows = [], [], [], []
+        offset = 0
+        for boxes, scores, image_shape, n in zip(pred_boxes, pred_scores, image_shapes, counts):
+            boxes = box_ops.clip_boxes_to_image(boxes, image_shape)
+            labels = torch.arange(num_classes, device=scores.device).view(1, -1).expand_as(scores)
+            rows = torch.arange(offset, offset + n, device=scores.device).view(-1, 1).expand_as(scores)
+            offset += n
+            # every class prediction but background is a separate instance
+            boxes, scores = boxes[:, 1:].reshape(-1, 4), scores[:, 1:].reshape(-1)
+            labels, rows = labels[:, 1:].reshape(-1), rows[:, 1:].reshape(-1)
+            keep = torch.where(scores > self.score_thresh)[0]
+            keep = keep[box_ops.remove_small_boxes(boxes[keep], min_size=1e-2)]
+            keep = keep[box_ops.batched_nms(boxes[keep], scores[keep], labels[keep], self.nms_thresh)]
+            keep = keep[: self.detections_per_img]
+            all_boxes.append(boxes[keep])
+            all_scores.append(scores[keep])
+            all_labels.append(labels[keep])
+            all_rows.append(rows[keep])
+        self._detection_rows = all_rows
+        return all_boxes, all_scores, all_labels
+
+    def _check_attribute_targets(self, targets) -> None:
+        if targets is None or not all("attributes" in t for t in targets):
+            raise ValueError("training targets need an 'attributes' entry: float multi-hot [N, num_attributes]")
+        num_attributes = self.attribute_head.logits.out_features
+        for i, t in enumerate(targets):
+            want = (len(t["boxes"]), num_attributes)
+            if tuple(t["attributes"].shape) != want:
+                raise ValueError(f"targets[{i}]['attributes'] has shape {list(t['attributes'].shape)}, expected "
+                                 f"[{want[0]} boxes, {want[1]} attributes]: build the model from the same "
+                                 "vocabulary (shard manifest) the loader reads")
 
     def forward(self, features, proposals, image_shapes, targets=None):
         if self.training:
-            if targets is None or not all("attributes" in t for t in targets):
-                raise ValueError("training targets need an 'attributes' entry: float multi-hot [N, num_attributes]")
-            num_attributes = self.attribute_head.logits.out_features
-            for i, t in enumerate(targets):
-                want = (len(t["boxes"]), num_attributes)
-                if tuple(t["attributes"].shape) != want:
-                    raise ValueError(f"targets[{i}]['attributes'] has shape {list(t['attributes'].shape)}, expected "
-                                     f"[{want[0]} boxes, {want[1]} attributes]: build the model from the same "
-                                     "vocabulary (shard manifest) the loader reads")
-        self._sampled = None
-        result, losses = super().forward(features, proposals, image_shapes, targets)
-        if self.training:
-            assert self._sampled is not None and targets is not None
-            sampled, matched_idxs, labels = self._sampled
-            self._sampled = None
-            boxes, gt = [], []
-            for props, idxs, labs, t in zip(sampled, matched_idxs, labels, targets):
-                pos = torch.where(labs > 0)[0]
-                boxes.append(props[pos])
-                gt.append(t["attributes"][idxs[pos]])
-            if sum(len(b) for b in boxes) == 0:  # no positive RoI: keep every parameter in the graph (DDP)
-                losses["loss_attributes"] = sum(p.sum() for p in self.attribute_head.parameters()) * 0.0
-            else:
-                logits = self.attribute_logits(features, boxes, image_shapes)
+            self._check_attribute_targets(targets)
+        try:
+            result, losses = super().forward(features, proposals, image_shapes, targets)
+            box_features = self._box_features
+            if self.training:
+                rows, gt, offset = [], [], 0  # box_features rows: the sampled proposals, image after image
+                for t, idx, lab in zip(targets, *self._sampled):
+                    pos = torch.where(lab > 0)[0]
+                    rows.append(pos + offset)
+                    gt.append(t["attributes"][idx[pos]])
+                    offset += len(lab)
+                # no positive RoI: empty logits still put every attribute parameter in the graph (DDP)
+                logits = self.attribute_head(box_features[torch.cat(rows)])
                 losses["loss_attributes"] = self.attribute_loss(logits, torch.cat(gt).to(logits.device))
-        else:
-            boxes = [r["boxes"] for r in result]
-            counts = [len(b) for b in boxes]
-            num_attributes = self.attribute_head.logits.out_features
-            if sum(counts) == 0:
-                scores = [b.new_zeros((0, num_attributes)) for b in boxes]
             else:
-                scores = self.attribute_logits(features, boxes, image_shapes).float().sigmoid().split(counts)
-            for r, s in zip(result, scores):
-                r["attribute_scores"] = s
+                rows = self._detection_rows
+                logits = self.attribute_head(box_features[torch.cat(rows)])
+                for r, s in zip(result, logits.float().sigmoid().split([len(x) for x in rows])):
+                    r["attribute_scores"] = s
+        finally:
+            self._box_features = self._sampled = self._detection_rows = None
         return result, losses

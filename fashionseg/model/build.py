@@ -6,14 +6,21 @@ Contract (docs/design.md "Training targets" / "Model outputs"; other modules rel
 
 - `num_classes` includes background; both counts come from the dataset vocabulary (47/294 for
   the 2020 data, 49/320 for older Fashionpedia files), never from constants here.
+- The model never resizes: the data layer owns every resize, train and test, with one function
+  (`model.min_size/max_size/resize_in_train` are gone; `REMOVED_KEYS` lists them for readers of
+  older files). `images`: list of uint8 [3, H, W] (converted with `float() / 255` on their own
+  device, then normalised) or float [3, H, W] in 0..1; both give identical results.
 - Train mode: `model(images, targets) -> dict` with exactly `LOSS_NAMES` (torchvision's five
   terms + `loss_attributes`), each already multiplied by `cfg.loss_weights[name]`.
-  `images`: list of float [3, H, W] in 0..1; `targets`: list of dicts with `boxes` float [N, 4]
-  xyxy, `labels` int64 [N] in 1..C, `masks` uint8 [N, H, W], `attributes` float [N, A] multi-hot
-  (other keys, e.g. `image_id`, `key`, `orig_size`, are ignored).
-- Eval mode: `model(images) -> list[dict]` with `boxes` [N, 4] xyxy, `labels` int64 1..C,
-  `scores` [N], `masks` float [N, 1, H, W] probabilities (binarise with `cfg.mask_thresh`, also
-  `model.mask_thresh`), `attribute_scores` float [N, A] sigmoid scores, in input-image pixels.
+  `targets`: list of dicts with `boxes` float [N, 4] xyxy, `labels` int64 [N] in 1..C, `masks`
+  uint8 [N, H, W], `attributes` float [N, A] multi-hot (other keys, e.g. `image_id`, `key`,
+  `orig_size`, are ignored).
+- Eval mode: `model(images, output_sizes=None) -> list[dict]` with `boxes` [N, 4] xyxy, `labels`
+  int64 1..C, `scores` [N], `masks` float [N, 1, H, W] probabilities (binarise with
+  `prob > cfg.mask_thresh`, also `model.mask_thresh`), `attribute_scores` float [N, A] sigmoid
+  scores. Pixels are those of `output_sizes[i]` = (H, W) when given (boxes scaled, 28x28 mask
+  probabilities pasted directly at that size: torchvision's postprocess with that "original
+  size"), else of the input image.
 - Post-processing (`score_thresh`, `nms_thresh` per class, `detections_per_img`, `mask_thresh`)
   can be changed on a built model with `set_postprocess` (threshold tuning needs no rebuild).
 - Freeze-then-unfreeze: build the optimizer from `trainable_parameters(model)` (every parameter
@@ -29,7 +36,10 @@ Contract (docs/design.md "Training targets" / "Model outputs"; other modules rel
   Pretrained ResNet/MobileNet v1-style backbones use FrozenBatchNorm2d, otherwise BatchNorm2d
   (as torchvision's builders); the state-dict keys are the same either way.
 - `cfg.pretrained` is loaded by `weights.load_pretrained` (local file or torch hub cache, never
-  downloaded); its one-line report is logged and kept as `model.pretrained_report`.
+  downloaded); its one-line report is logged (INFO, this module's logger, as the freeze-schedule
+  changes) and kept as `model.pretrained_report`.
+- Inference: `weights_file.load_model` folds BatchNorm into the convolutions by default
+  (`fold.py`); a folded model refuses `.train()`.
 - State dicts are plain tensors with torchvision's key names (`backbone.`, `rpn.`, `roi_heads.`;
   the attribute head under `roi_heads.attribute_head.`), so COCO checkpoints map onto them.
 """
@@ -37,7 +47,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 from torch import Tensor, nn
 from torchvision.models import mobilenet_v3_large, resnet
@@ -51,8 +61,9 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 
 from .attributes import ATTRIBUTE_LOSSES, AttributeHead, AttributeLoss, AttributeRoIHeads
+from .weights import load_pretrained
 
-log = logging.getLogger("fashionseg.model")
+log = logging.getLogger(__name__)
 
 BACKBONES = ("resnet50_fpn", "resnet50_fpn_v2", "resnet18_fpn", "resnet34_fpn", "mobilenet_v3_large_fpn")
 PRETRAINED_KINDS = ("auto", "maskrcnn", "backbone")
@@ -70,14 +81,6 @@ class ModelConfig:
     pretrained_kind: str = "auto"  # auto | maskrcnn | backbone
     trainable_backbone_layers: int = 3
     freeze_backbone_steps: int = 0  # heads only for the first K optimizer steps
-    # torchvision transform: shorter side resized to min_size (a tuple: random choice per image
-    # in training, multi-scale), longer side capped at max_size
-    min_size: int | tuple[int, ...] = 800
-    max_size: int = 1333
-    # False: in training, images arrive already at the train scale (the fashionseg loader resizes,
-    # multi-scale, masks in the RLE domain) and the model must not resize them a second time;
-    # min_size/max_size then only set the test scale. The trainer sets it to False.
-    resize_in_train: bool = True
     mask_head_hidden: int = 256
     # one size per FPN level for ResNets (5 levels); MobileNet uses all sizes on each of its 3
     anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)
@@ -129,10 +132,6 @@ class ModelConfig:
                 raise bad(name, "must be a positive integer or a non-empty list of them")
             return tuple(values)
 
-        if isinstance(self.min_size, (list, tuple)):
-            self.min_size = positive_ints("min_size", self.min_size)
-        else:
-            positive_ints("min_size", [self.min_size])
         self.anchor_sizes = positive_ints("anchor_sizes", self.anchor_sizes)
         if not isinstance(self.aspect_ratios, (list, tuple)) or not self.aspect_ratios or any(
                 not isinstance(r, (int, float)) or isinstance(r, bool) or not r > 0 for r in self.aspect_ratios):
@@ -152,7 +151,7 @@ class ModelConfig:
         for name in ("freeze_backbone_steps", "attribute_hidden"):
             if getattr(self, name) < 0:
                 raise bad(name, "must be >= 0")
-        for name in ("max_size", "mask_head_hidden", "rpn_batch_size_per_image", "box_batch_size_per_image", "detections_per_img",
+        for name in ("mask_head_hidden", "rpn_batch_size_per_image", "box_batch_size_per_image", "detections_per_img",
                      "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be >= 1")
@@ -163,27 +162,44 @@ class ModelConfig:
                 raise bad(name, "must be in [0, 1]")
 
 
-_INT_FIELDS = ("trainable_backbone_layers", "freeze_backbone_steps", "max_size", "mask_head_hidden", "rpn_batch_size_per_image",
+_INT_FIELDS = ("trainable_backbone_layers", "freeze_backbone_steps", "mask_head_hidden", "rpn_batch_size_per_image",
                "box_batch_size_per_image", "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "rpn_pre_nms_top_n_test",
                "rpn_post_nms_top_n_test", "attribute_hidden", "detections_per_img")
 _FLOAT_FIELDS = ("focal_gamma", "focal_alpha", "score_thresh", "nms_thresh", "mask_thresh")
 
 
-class DetectionTransform(GeneralizedRCNNTransform):
-    """torchvision's transform that can leave training images at the size the loader chose."""
+# Keys older weights files and configs carry that no longer mean anything: the data layer owns
+# every resize (data.min_size / max_size / test_size). Readers drop them instead of refusing.
+REMOVED_KEYS = ("min_size", "max_size", "resize_in_train")
 
-    def __init__(self, *args, resize_in_train: bool = True, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.resize_in_train = resize_in_train
+
+class DetectionTransform(GeneralizedRCNNTransform):
+    """torchvision's transform without its resize: normalise (uint8 or float 0..1) and batch.
+
+    The data layer resizes train and test images with one function; a second resize here would
+    make train and test differ again. uint8 images are converted on their own device, so the
+    loader ships a quarter of the bytes and the GPU does the arithmetic.
+    """
+
+    def __init__(self, image_mean: list[float], image_std: list[float]):
+        super().__init__(0, 0, image_mean, image_std)
+        self.min_size = self.max_size = None  # a caller that still sets a resize target fails loudly
+
+    def normalize(self, image: Tensor) -> Tensor:
+        if not image.is_floating_point():
+            image = image.float() / 255
+        return super().normalize(image)
 
     def resize(self, image, target=None):
-        if self.training and not self.resize_in_train:
-            return image, target
-        return super().resize(image, target)
+        return image, target
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(uint8 or float 0..1, mean={self.image_mean}, std={self.image_std}, no resize)"
 
 
 class FashionMaskRCNN(GeneralizedRCNN):
-    """torchvision's GeneralizedRCNN (same submodules and keys as MaskRCNN) + weighted losses."""
+    """torchvision's GeneralizedRCNN (same submodules and keys as MaskRCNN) + weighted losses
+    + predictions at a requested grid."""
 
     def __init__(self, backbone, rpn, roi_heads, transform, *, num_classes: int, num_attributes: int,
                  loss_weights: dict[str, float], mask_thresh: float, freeze_backbone_steps: int):
@@ -197,12 +213,29 @@ class FashionMaskRCNN(GeneralizedRCNN):
         self.backbone_frozen = False
         self.frozen_before_wrapping = False
         self.pretrained_report: Optional[str] = None
+        self.folded = False  # set by fold.fold_batchnorm: inference only from then on
 
-    def forward(self, images, targets=None):
-        out = super().forward(images, targets)
+    def forward(self, images, targets=None, output_sizes: Optional[Sequence[tuple[int, int]]] = None):
+        """Train: weighted losses. Eval: detections in the pixels of `output_sizes` (default: the
+        input sizes); boxes are scaled and the 28x28 mask probabilities pasted straight at that
+        size, so predictions reach the original resolution without resampling probability maps."""
         if self.training:
+            out = super().forward(images, targets)
             return {k: v * self.loss_weights.get(k, 1.0) for k, v in out.items()}
-        return out
+        sizes = [tuple(img.shape[-2:]) for img in images] if output_sizes is None else [tuple(s) for s in output_sizes]
+        if len(sizes) != len(images) or any(len(s) != 2 for s in sizes):
+            raise ValueError(f"output_sizes needs one (H, W) per image: {len(images)} images, got {output_sizes!r}")
+        batch, _ = self.transform(images)
+        features = self.backbone(batch.tensors)
+        proposals, _ = self.rpn(batch, features)
+        detections, _ = self.roi_heads(features, proposals, batch.image_sizes)
+        return self.transform.postprocess(detections, batch.image_sizes, [(int(h), int(w)) for h, w in sizes])
+
+    def train(self, mode: bool = True):
+        if mode and self.folded:
+            raise RuntimeError("this model's BatchNorm layers were folded into its convolutions (inference "
+                               "only); load the weights again with fold=False to train")
+        return super().train(mode)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -283,16 +316,13 @@ def build_model(cfg: ModelConfig, num_classes: int, num_attributes: int) -> Fash
         attribute_head=AttributeHead(_REPRESENTATION, cfg.attribute_hidden, num_attributes),
         attribute_loss=AttributeLoss(cfg.attribute_loss, cfg.focal_gamma, cfg.focal_alpha),
     )
-    transform = DetectionTransform(cfg.min_size, cfg.max_size, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225],
-                                   resize_in_train=cfg.resize_in_train)
+    transform = DetectionTransform([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
     model = FashionMaskRCNN(
         backbone, rpn, roi_heads, transform,
         num_classes=num_classes, num_attributes=num_attributes, loss_weights=cfg.loss_weights,
         mask_thresh=cfg.mask_thresh, freeze_backbone_steps=cfg.freeze_backbone_steps,
     )
     if pretrained:
-        from .weights import load_pretrained
-
         report = load_pretrained(model, cfg.pretrained, kind=cfg.pretrained_kind, backbone=cfg.backbone)
         model.pretrained_report = str(report)
         log.info(model.pretrained_report)
@@ -357,7 +387,3 @@ def _in_distributed_wrapper(model: nn.Module) -> bool:
             return False
     return False
 
-
-def binarize_masks(masks: Tensor, mask_thresh: float) -> Tensor:
-    """[N, 1, H, W] probabilities -> [N, H, W] bool (strictly above the threshold, as torchvision and COCO tools do)."""
-    return masks[:, 0] > mask_thresh

@@ -164,32 +164,3 @@ def check_gpus() -> list[GPUInfo]:
     )
     return gpus
 
-
-# -- precision: what the trainer should pick per GPU ---------------------------------------------
-def supports_bf16(capability: tuple[int, int]) -> bool:
-    """bf16 tensor-core math needs Ampere (sm_80) or newer."""
-    return tuple(capability) >= (8, 0)
-
-
-def recommended_mixed_precision(capability: tuple[int, int]) -> str:
-    """'bf16' (sm_80+), 'fp16' (Volta/Turing tensor cores, with loss scaling), else 'no' (fp32)."""
-    cap = tuple(capability)
-    if cap >= (8, 0):
-        return "bf16"
-    if cap >= (7, 0):
-        return "fp16"
-    return "no"
-
-
-def precision_note(capability: tuple[int, int], name: str = "") -> str | None:
-    """A one-line warning where fp16/bf16 would be slow or unsupported, else None."""
-    cap = tuple(capability)
-    gpu = f"{name} (sm_{cap[0]}{cap[1]})" if name else f"sm_{cap[0]}{cap[1]}"
-    if cap == (6, 1):
-        return (f"{gpu}: Pascal consumer GPUs run fp16 arithmetic at 1/64 of the fp32 rate and have no "
-                f"bf16: train in fp32 (mixed_precision: no)")
-    if cap < (7, 0):
-        return f"{gpu}: no tensor cores and no bf16: fp16 gains little or nothing; train in fp32 (mixed_precision: no)"
-    if cap[0] == 7:
-        return f"{gpu}: no bf16 before sm_80; use fp16 mixed precision (with loss scaling) or fp32"
-    return None

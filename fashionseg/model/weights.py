@@ -1,4 +1,4 @@
-"""Pretrained weights from local files only, mapped onto the fashion model; plain state-dict I/O.
+"""Pretrained weights from local files only, mapped onto the fashion model.
 
 Nothing is downloaded at run time (training hosts are often offline, and a silent download on
 every rank is worse): torchvision builders get weights=None and the state dict is loaded here.
@@ -26,8 +26,6 @@ from urllib.parse import urlparse
 
 import torch
 from torch import Tensor, nn
-
-from ..io import atomic_open
 
 COCO_WEIGHTS = {
     "resnet50_fpn": "MaskRCNN_ResNet50_FPN_Weights.COCO_V1",
@@ -133,7 +131,7 @@ def resolve_pretrained(pretrained: str, backbone: str) -> tuple[Path, str]:
     return hub_path, f"{name} ({hub_path})"
 
 
-# -- reading / writing ----------------------------------------------------------------------------
+# -- reading ---------------------------------------------------------------------------------------
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
     """A plain {name: tensor} dict from a file, with weights_only=True; wrappers' prefixes removed."""
     try:
@@ -155,15 +153,6 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
     return out
 
 
-def save_state_dict(model: nn.Module, path: str | os.PathLike) -> None:
-    """Atomically write the (unwrapped) model's state dict; reloads with weights_only=True."""
-    from .build import unwrap
-
-    state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
-    with atomic_open(path, "wb") as f:
-        torch.save(state, f)
-
-
 # -- mapping --------------------------------------------------------------------------------------
 def detect_kind(state: dict[str, Tensor]) -> str:
     """'maskrcnn' for detection checkpoints (backbone./rpn./roi_heads. keys), else 'backbone'."""
@@ -180,10 +169,7 @@ def _backbone_key(k: str) -> str:
 
 
 def load_pretrained(model: nn.Module, pretrained: str, kind: str = "auto", backbone: str = "resnet50_fpn") -> LoadReport:
-    """Copy matching tensors from `pretrained` into `model`; returns what happened (str(): one line)."""
-    from .build import unwrap
-
-    m = unwrap(model)
+    """Copy matching tensors from `pretrained` into `model` (unwrapped); returns what happened (str(): one line)."""
     path, source = resolve_pretrained(pretrained, backbone)
     state = load_state_dict_file(path)
     if kind == "auto":
@@ -195,7 +181,7 @@ def load_pretrained(model: nn.Module, pretrained: str, kind: str = "auto", backb
     elif kind != "maskrcnn":
         raise ValueError(f"pretrained_kind must be auto, maskrcnn or backbone, got {kind!r}")
 
-    own = m.state_dict()
+    own = model.state_dict()
     report = LoadReport(source=source, kind=kind)
     merged = {}
     for k, v in state.items():
@@ -216,5 +202,5 @@ def load_pretrained(model: nn.Module, pretrained: str, kind: str = "auto", backb
     if not merged:
         raise ValueError(f"{source}: no tensor matches the {backbone} model by name and shape "
                          f"(kind={kind}); is it a checkpoint for another backbone?")
-    m.load_state_dict(merged, strict=False)
+    model.load_state_dict(merged, strict=False)
     return report

@@ -9,6 +9,7 @@ predict and the tests all go through `save_weights` / `read_weights` / `load_mod
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -17,7 +18,11 @@ from typing import Any
 import torch
 
 from fashionseg.io import atomic_open
+from fashionseg.model.build import REMOVED_KEYS, ModelConfig, build_model
+from fashionseg.model.fold import fold_batchnorm
 from fashionseg.names import FINAL_WEIGHTS
+
+log = logging.getLogger(__name__)
 
 REQUIRED_KEYS = ("model", "config", "categories", "attributes")
 
@@ -82,21 +87,25 @@ def read_weights(path: str | os.PathLike) -> WeightsFile:
     return WeightsFile(ckpt["model"], config, ckpt["categories"], ckpt["attributes"], extra)
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """`model_final.pth` -> (model in eval mode on `device`, WeightsFile, ModelConfig)."""
-    from fashionseg.model.build import ModelConfig, build_model
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", *, fold: bool = True):
+    """`model_final.pth` -> (model in eval mode on `device`, WeightsFile, ModelConfig).
 
+    fold=True (eval/predict) folds BatchNorm into the convolutions (fold.py: same outputs within
+    1e-4, faster); the model is then inference-only. Keys of `REMOVED_KEYS` (the model's old
+    resize settings, now the data layer's) are dropped from older files, not refused.
+    """
     path = Path(path)
     wf = read_weights(path)
     config = wf.config
+    saved = {k: v for k, v in config["model"].items() if k not in REMOVED_KEYS}
     known = {f.name for f in fields(ModelConfig)}
-    unknown = sorted(set(config["model"]) - known)
+    unknown = sorted(set(saved) - known)
     if unknown:
         raise WeightsError(f"{path}: config.model has keys this fashionseg does not know: {unknown} (written by a newer version?)")
     num_classes, num_attributes = len(wf.categories) + 1, len(wf.attributes)
     # pretrained weights are already in the state dict; never load (or look for) them again
     try:
-        model_cfg = ModelConfig(**{**config["model"], "pretrained": None})
+        model_cfg = ModelConfig(**{**saved, "pretrained": None})
     except (TypeError, ValueError) as e:
         raise WeightsError(f"{path}: config.model is invalid ({e})") from e
     model = build_model(model_cfg, num_classes=num_classes, num_attributes=num_attributes)
@@ -115,6 +124,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     if missing or unexpected:
         raise WeightsError(f"{path}: weights do not fit {what}: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
-    model_cfg.pretrained = config["model"].get("pretrained")
+    model_cfg.pretrained = saved.get("pretrained")
     model.to(device).eval()
+    if fold:
+        log.debug("%s: folded %d BatchNorm layers into their convolutions", path, fold_batchnorm(model))
     return model, wf, model_cfg

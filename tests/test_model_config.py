@@ -1,4 +1,4 @@
-"""QA regressions for ModelConfig / build_model: bad values fail at config time, naming the key.
+"""ModelConfig / build_model validation: bad values fail at config time, naming the key.
 
 Before these checks, zero or negative sizes, empty anchor/ratio lists, negative loss weights and
 YAML strings were accepted and failed much later (or never: a negative loss weight trains the
@@ -13,8 +13,7 @@ from fashionseg.model.build import BACKBONES, LOSS_NAMES, ModelConfig, build_mod
 
 
 @pytest.mark.parametrize("kw, key", [
-    ({"min_size": 0}, "min_size"), ({"min_size": -5}, "min_size"), ({"min_size": (640, 0)}, "min_size"),
-    ({"min_size": "800"}, "min_size"), ({"max_size": 0}, "max_size"), ({"mask_head_hidden": 0}, "mask_head_hidden"),
+    ({"mask_head_hidden": 0}, "mask_head_hidden"),
     ({"box_batch_size_per_image": 0}, "box_batch_size_per_image"), ({"rpn_batch_size_per_image": 0}, "rpn_batch_size_per_image"),
     ({"rpn_pre_nms_top_n_train": 0}, "rpn_pre_nms_top_n_train"), ({"detections_per_img": 0}, "detections_per_img"),
     ({"anchor_sizes": (0, 64, 128, 256, 512)}, "anchor_sizes"), ({"backbone": "mobilenet_v3_large_fpn", "anchor_sizes": ()}, "anchor_sizes"),
@@ -29,11 +28,9 @@ def test_bad_values_raise_valueerror_naming_the_key(kw, key):
 
 
 def test_valid_values_are_kept_and_normalised():
-    cfg = ModelConfig(min_size=[640, 800], anchor_sizes=[16, 32, 64, 128, 256], aspect_ratios=[1, 2], focal_gamma=0,
-                      loss_weights={"loss_mask": 2})
-    assert cfg.min_size == (640, 800) and cfg.anchor_sizes == (16, 32, 64, 128, 256)
+    cfg = ModelConfig(anchor_sizes=[16, 32, 64, 128, 256], aspect_ratios=[1, 2], focal_gamma=0, loss_weights={"loss_mask": 2})
+    assert cfg.anchor_sizes == (16, 32, 64, 128, 256)
     assert cfg.aspect_ratios == (1.0, 2.0) and cfg.focal_gamma == 0.0 and cfg.loss_weights["loss_mask"] == 2.0
-    assert ModelConfig(min_size=512).min_size == 512
 
 
 def test_float_class_count_is_a_clear_error():
@@ -45,7 +42,7 @@ def test_float_class_count_is_a_clear_error():
 def test_older_fashionpedia_vocabulary_sizes_the_heads():
     """48 categories + background and 320 attributes (older Fashionpedia), on an odd-sized image."""
     torch.manual_seed(0)
-    cfg = ModelConfig(backbone="mobilenet_v3_large_fpn", min_size=64, max_size=96, mask_head_hidden=16, attribute_hidden=16,
+    cfg = ModelConfig(backbone="mobilenet_v3_large_fpn", mask_head_hidden=16, attribute_hidden=16,
                       rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=20)
     m = build_model(cfg, 49, 320)
     assert m.roi_heads.box_predictor.cls_score.out_features == 49
@@ -72,7 +69,7 @@ def test_attribute_targets_of_another_vocabulary_are_named():
     """Bug: targets with 294 attributes fed to a 320-attribute model failed inside the focal loss
     with a bare tensor-size mismatch."""
     torch.manual_seed(0)
-    cfg = ModelConfig(backbone="mobilenet_v3_large_fpn", min_size=64, max_size=96, mask_head_hidden=16, attribute_hidden=16)
+    cfg = ModelConfig(backbone="mobilenet_v3_large_fpn", mask_head_hidden=16, attribute_hidden=16)
     m = build_model(cfg, 49, 320).train()
     masks = torch.zeros(1, 64, 64, dtype=torch.uint8)
     masks[0, 5:30, 10:50] = 1
