@@ -84,7 +84,7 @@ def main() -> int:
         h.before_train(trainer)
 
     torch.manual_seed(cfg.train.seed)
-    bare = build_model(trainer._model_config(), trainer.vocab.num_classes, trainer.vocab.num_attributes)
+    bare = build_model(cfg.model, trainer.vocab.num_classes, trainer.vocab.num_attributes)
     bare.train()
     opt = build_optimizer(cfg.train, trainable_parameters(bare), trainer.peak_lr)
     sched = LRSchedule(opt, trainer.peak_lr, trainer.schedule.factor)

@@ -26,7 +26,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from fashionseg.data.loader import LoaderConfig
 from fashionseg.io import atomic_write_text
-from fashionseg.model.build import ModelConfig
+from fashionseg.model.build import REMOVED_KEYS, ModelConfig
 from fashionseg.names import Backend, Precision
 from fashionseg.train.hard_mining import HardMiningConfig
 
@@ -190,6 +190,9 @@ def _check_keys(raw: Any, cls: type, where: str, prefix: str = "") -> None:
         raise ConfigError(f"{where}: {what} must be a mapping, got {raw!r}")
     types = _field_types(cls)
     for key, value in raw.items():
+        if cls is ModelConfig and key in REMOVED_KEYS:
+            raise ConfigError(f"{where}: 'model.{key}' is gone: the data layer owns every resize. Set the training scale "
+                              "with data.min_size / data.max_size and the test scale with data.test_size")
         if key not in types:
             raise _unknown(f"{prefix}{key}", list(types), where)
         inner = _dataclass_of(types[key])

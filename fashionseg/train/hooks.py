@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fashionseg.io import atomic_write_text
 from fashionseg.train import checkpoint as ckpt_lib
 from fashionseg.train.step import StepOutput
 
@@ -140,35 +141,39 @@ class MetricsLog(Hook):
 
 class SampleRecord(Hook):
     """`samples.jsonl` (train.record_samples): one row per rank and step with the sample keys it
-    trained on. Each rank appends to its own part file, merged in rank order at checkpoints and at
-    the end; on resume rows past the checkpoint are dropped, so the file is what the run trained on."""
+    trained on. Each rank appends to its own part file; rank 0 merges the rows kept from before a
+    resume (`.samples.base.jsonl`, rows up to the checkpoint's step, any layout) and the current
+    ranks' parts at every checkpoint and at the end, so the file is what the run trained on."""
 
-    FILE = "samples.jsonl"
+    FILE, BASE = "samples.jsonl", ".samples.base.jsonl"
 
     def __init__(self, run_dir: Path, rank: int, world: int) -> None:
         self.run_dir, self.rank, self.world = Path(run_dir), rank, world
-        self.part = self.run_dir / f".samples.rank{rank}.jsonl"
         self._f = None
 
+    def _part(self, rank: int) -> Path:
+        return self.run_dir / f".samples.rank{rank}.jsonl"
+
     def before_train(self, trainer):
-        keep = [r for r in _read_jsonl(self.run_dir / self.FILE) if r["rank"] == self.rank and r["step"] <= trainer.state.step]
-        self._f = open(self.part, "w", buffering=1)
-        for r in keep:
-            self._f.write(json.dumps(r) + "\n")
+        if self.rank == 0:
+            keep = [r for r in _read_jsonl(self.run_dir / self.FILE) if r["step"] <= trainer.state.step]
+            atomic_write_text(self.run_dir / self.BASE, "".join(json.dumps(r) + "\n" for r in keep))
+        self._f = open(self._part(self.rank), "w", buffering=1)
+        trainer.accelerator.wait_for_everyone()
 
     def after_step(self, trainer, out):
         self._f.write(json.dumps({"step": trainer.state.step, "epoch": trainer.data.last_epoch, "rank": self.rank,
                                   "keys": out.keys, "skipped": out.skipped}) + "\n")
 
     def merge(self, trainer) -> None:
-        """Collective: every rank's part file -> samples.jsonl (rank 0, atomic)."""
+        """Collective: the kept rows and every current rank's part -> samples.jsonl (rank 0, atomic)."""
         if not self._f.closed:
             self._f.flush()
         trainer.accelerator.wait_for_everyone()
         if trainer.accelerator.is_main_process:
-            rows = [r for k in range(self.world) for r in _read_jsonl(self.run_dir / f".samples.rank{k}.jsonl")]
+            rows = _read_jsonl(self.run_dir / self.BASE)
+            rows += [r for k in range(self.world) for r in _read_jsonl(self._part(k))]
             rows.sort(key=lambda r: (r["step"], r["rank"]))
-            from fashionseg.io import atomic_write_text
             atomic_write_text(self.run_dir / self.FILE, "".join(json.dumps(r) + "\n" for r in rows))
         trainer.accelerator.wait_for_everyone()
 

@@ -153,7 +153,7 @@ class Trainer:
         from fashionseg.model.build import build_model, trainable_parameters
         t, acc = self.cfg.train, self.accelerator
         torch.manual_seed(t.seed)  # identical initial weights on every rank (DDP also broadcasts them)
-        model = build_model(self._model_config(), self.vocab.num_classes, self.vocab.num_attributes)
+        model = build_model(self.cfg.model, self.vocab.num_classes, self.vocab.num_attributes)
         if t.channels_last:
             model = model.to(memory_format=torch.channels_last)
         optimizer = build_optimizer(t, trainable_parameters(model), self.peak_lr)
@@ -168,11 +168,6 @@ class Trainer:
         # per-rank randomness (RPN / RoI sampling) differs between ranks, reproducibly
         torch.manual_seed(t.seed * 1000 + 17 + self.layout.rank)
         return model, optimizer
-
-    def _model_config(self):
-        names = {f.name for f in dataclasses.fields(self.cfg.model)}
-        # the loader resizes training images (multi-scale): the model must not resize them again
-        return dataclasses.replace(self.cfg.model, resize_in_train=False) if "resize_in_train" in names else self.cfg.model
 
     def _hooks(self) -> list[H.Hook]:
         t, cfg = self.cfg.train, self.cfg
