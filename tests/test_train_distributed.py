@@ -12,6 +12,8 @@ from train_utils import PY, ROOT, accelerate_cmd, metrics, run, train_cmd
 WORKER = str(ROOT / "tests" / "train_weighting_worker.py")
 FAULTS = str(ROOT / "tests" / "train_fault_worker.py")
 
+pytestmark = pytest.mark.slow
+
 
 def _ranks(out):
     return json.loads((out / "ranks.json").read_text())

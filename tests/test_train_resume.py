@@ -10,9 +10,13 @@ import time
 
 import torch
 
+import pytest
+
 from train_utils import ROOT, assert_identical, env, final_weights, metrics, run, train_cmd
 
 STEPS = ["train.max_steps=7", "train.checkpoint_every=3", "train.record_samples=true"]  # 9 steps/epoch: checkpoints at 3, 6, 7
+
+pytestmark = pytest.mark.slow
 
 
 def _wait_for(path, proc, timeout=240):

@@ -61,19 +61,19 @@ def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
 
 
 def save_random_weights(shard_dir: Path, path: Path, detections_per_img: int, extra_config: dict | None = None) -> Path:
-    """A randomly initialised light model saved in the trainer's model_final.pth format
-    (score_thresh 0, so every image yields `detections_per_img` detections)."""
+    """A randomly initialised light model saved as the trainer saves model_final.pth (score_thresh 0,
+    so every image yields `detections_per_img` detections); test scale 64 px (data.test_size)."""
     from dataclasses import asdict
 
     from fashionseg.data.shards.reader import read_manifest
     from fashionseg.data.vocab import Vocab
     from fashionseg.model.build import ModelConfig, build_model
+    from fashionseg.model.weights_file import WeightsFile, save_weights
 
     vocab = Vocab.from_dict(read_manifest(shard_dir))
-    cfg = ModelConfig(backbone="mobilenet_v3_large_fpn", min_size=64, max_size=96, score_thresh=0.0,
-                      detections_per_img=detections_per_img, attribute_hidden=0, mask_head_hidden=32, mask_thresh=0.5)
+    cfg = ModelConfig(backbone="mobilenet_v3_large_fpn", score_thresh=0.0, detections_per_img=detections_per_img,
+                      attribute_hidden=0, mask_head_hidden=32, mask_thresh=0.5)
     torch.manual_seed(0)
     model = build_model(cfg, vocab.num_classes, vocab.num_attributes)
-    torch.save({"model": model.state_dict(), "config": {"model": asdict(cfg), **(extra_config or {})},
-                "categories": vocab.categories, "attributes": vocab.attributes}, path)
-    return path
+    config = {"model": asdict(cfg), "data": {"min_size": [64], "max_size": 96, "test_size": 64}, **(extra_config or {})}
+    return save_weights(path, WeightsFile(model.state_dict(), config, vocab.categories, vocab.attributes))
