@@ -8,9 +8,8 @@ import signal
 import subprocess
 import time
 
-import torch
-
 import pytest
+import torch
 
 from train_utils import ROOT, assert_identical, env, final_weights, metrics, run, train_cmd
 
