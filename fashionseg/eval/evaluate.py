@@ -30,21 +30,8 @@ import torch
 from fashionseg.data.vocab import Vocab
 from fashionseg.eval import coco as coco_lib
 from fashionseg.eval import inference as inf
-from fashionseg.eval.fashionpedia import FashionpediaParams, fashionpedia_evaluate
+from fashionseg.eval.score import score_results
 from fashionseg.io import atomic_write_json
-
-
-def score_results(gt: dict, results: list[dict], *, iou_f1: bool = True,
-                  fp_params: FashionpediaParams | None = None, iou_types=coco_lib.IOU_TYPES) -> dict:
-    """Ground-truth dict + COCO results -> metrics (the model-free core of evaluation)."""
-    coco_gt = coco_lib.coco_from_dict(gt)
-    out: dict[str, Any] = {"num_images": len(gt["images"]), "num_detections": len(results)}
-    for iou_type in iou_types:
-        out[iou_type] = coco_lib.coco_evaluate(coco_gt, results, iou_type)
-    if iou_f1:
-        out["iou_f1"] = fashionpedia_evaluate(coco_gt, results, "segm", fp_params)
-    out["gt_counts"] = coco_lib.gt_counts(gt)
-    return out
 
 
 def headline(metrics: dict) -> dict[str, float]:
@@ -164,15 +151,6 @@ class progress_bar:  # noqa: N801 (used like a function)
         return False
 
 
-def print_metrics(metrics: dict, vocab: Vocab, console=None) -> None:
-    from rich.console import Console
-
-    console = console or Console()
-    console.print(coco_lib.summary_table(metrics, title=f"{metrics.get('split', '')}: {metrics['num_images']} images, "
-                                                        f"{metrics['num_detections']} detections (AP in %)"))
-    console.print(coco_lib.category_table(metrics, vocab))
-
-
 # -- command ------------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", required=True, help="model_final.pth written by `fashionseg train`")
@@ -206,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
     from fashionseg.data.shards.manifest import ManifestError
+    from fashionseg.eval.tables import print_metrics
     from fashionseg.data.shards.reader import ShardError
 
     console = Console(stderr=True)
@@ -231,6 +210,6 @@ def run(args: argparse.Namespace) -> int:
                    score_thresh=post["score_thresh"], nms_thresh=post["nms_thresh"])
     out = Path(args.out) if args.out else Path(args.weights).with_name("eval.json")
     atomic_write_json(out, metrics)
-    print_metrics(metrics, vocab, Console())
+    print_metrics(metrics, vocab.categories, Console())
     console.print(f"metrics written to {escape(str(out))}")
     return 0
