@@ -63,7 +63,7 @@ def _read_all(out: Path) -> dict[str, dict]:
                 for m in tf.getmembers():
                     if m.name.endswith(".json"):
                         meta = json.loads(tf.extractfile(m).read())
-                        got[meta["image_id"]] = meta
+                        got[meta["source_id"]] = meta
     return got
 
 

@@ -91,7 +91,7 @@ def test_build_survives_and_reports_every_case(corrupted):
     src, out, code, report, case, _, by_image = corrupted
     assert code == 0
     assert all(not r.errors for r in verify(out))
-    kept = {meta["image_id"]: meta for _, meta in read_back(out).values()}
+    kept = {meta["source_id"]: meta for _, meta in read_back(out).values()}
 
     def reasons(k):
         return _problems(report, case[k])
@@ -126,7 +126,7 @@ def test_repaired_images_are_rgb_jpegs_with_exact_masks(corrupted):
     from torchvision.io import ImageReadMode, decode_jpeg
 
     src, out, code, report, case, pix, by_image = corrupted
-    kept = {meta["image_id"]: (jpg, meta) for jpg, meta in read_back(out).values()}
+    kept = {meta["source_id"]: (jpg, meta) for jpg, meta in read_back(out).values()}
     for jpg, meta in kept.values():
         t = decode_jpeg(torch.frombuffer(bytearray(jpg), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
         assert tuple(t.shape) == (3, meta["height"], meta["width"])

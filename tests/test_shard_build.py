@@ -53,10 +53,10 @@ def test_build_verify_read_back_bit_exact(synth_src, synth_shards):
     assert all(not r.errors for r in verify(synth_shards))
     samples = read_back(synth_shards)
     rows = source_rows(synth_src)
-    assert set(s[1]["image_id"] for s in samples.values()) == set(rows)
+    assert set(s[1]["source_id"] for s in samples.values()) == set(rows)
     for key, (jpg, meta) in samples.items():
-        src_rows = rows[meta["image_id"]]
-        assert jpg == (synth_src / "train" / f"{meta['image_id']}.jpg").read_bytes()  # no resize: original bytes
+        src_rows = rows[meta["source_id"]]
+        assert jpg == (synth_src / "train" / f"{meta['source_id']}.jpg").read_bytes()  # no resize: original bytes
         assert len(meta["instances"]) == len(src_rows)
         for inst, r in zip(meta["instances"], src_rows):
             h, w = int(r["Height"]), int(r["Width"])
@@ -73,7 +73,7 @@ def test_build_verify_read_back_bit_exact(synth_src, synth_shards):
 
 def test_manifest_offsets_and_reader(synth_shards):
     m = read_manifest(synth_shards)
-    assert m["format"] == "fashionseg-shards" and m["version"] == 1
+    assert m["format"] == "fashionseg-shards" and m["version"] == 2
     assert len(m["categories"]) == 46 and len(m["attributes"]) == 294
     for split, info in m["splits"].items():
         keys = [k for k, _, _ in iter_split(synth_shards, split)]
@@ -116,8 +116,8 @@ def test_max_size_resizes_image_and_masks_together(synth_src, tmp_path):
     for key, (jpg, meta) in read_back(out).items():
         im = Image.open(io.BytesIO(jpg))
         assert im.format == "JPEG" and max(im.size) == 50 and (im.height, im.width) == (meta["height"], meta["width"])
-        assert (meta["orig_height"], meta["orig_width"]) == (int(rows[meta["image_id"]][0]["Height"]), int(rows[meta["image_id"]][0]["Width"]))
-        src = [r for r in rows[meta["image_id"]]]
+        assert (meta["orig_height"], meta["orig_width"]) == (int(rows[meta["source_id"]][0]["Height"]), int(rows[meta["source_id"]][0]["Width"]))
+        src = [r for r in rows[meta["source_id"]]]
         for inst in meta["instances"]:
             r = src.pop(0)
             while True:  # instances that vanished when shrunk are dropped (and reported)

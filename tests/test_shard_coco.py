@@ -82,7 +82,7 @@ def coco_src(synth_src, tmp_path_factory):
 
 def _check(out, expect):
     assert all(not r.errors for r in verify(out))
-    got = {meta["image_id"]: meta for _, meta in read_back(out).values()}
+    got = {meta["source_id"]: meta for _, meta in read_back(out).values()}
     assert set(got) == set(expect)
     for image_id, insts in expect.items():
         meta = got[image_id]

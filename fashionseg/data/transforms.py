@@ -4,7 +4,10 @@ Why it is built this way (figures in bench/loader.py):
 - JPEG: `torchvision.io.decode_image` (libjpeg-turbo) then torchvision's uint8 bilinear resize
   (antialiased, vectorised): measured faster than PIL decode + PIL resize. When the image
   shrinks by 2x or more, PIL's `draft` decodes it at 1/2..1/8 scale in the DCT domain first
-  (torchvision's decoder cannot), which skips most of the decode of large originals.
+  (torchvision's decoder cannot), which skips most of the decode of large originals. This is
+  `decode_resized`, the one decode-and-resize: eval and predict (data/eval_source.py) use it too.
+- Images stay uint8 to the model, which converts them on its device (float()/255 + its
+  normalisation): a quarter of the bytes through the loader, pinned memory and the bus.
 - Masks never exist at the stored size. Resize (nearest, half-pixel centres like
   `interpolate(mode="nearest-exact")`) and horizontal flip are done on the COCO RLE itself,
   all instances of an image in one vectorised numpy pass: a source run inside one column maps
@@ -17,8 +20,8 @@ Why it is built this way (figures in bench/loader.py):
   roi_align makes it contiguous on the device); call `.contiguous()` if you need row-major.
 - Split in two for DataLoader workers: `SampleTransform.decode` does the work and returns what
   is cheap to send between processes (uint8 image, mask runs, numpy arrays, no tensors);
-  `finish_sample` (in the training process) paints the masks and makes the float image.
-  Sending painted masks and float32 images through shared memory cost more than decoding them
+  `finish_sample` (in the training process) paints the masks and wraps the arrays as tensors.
+  Sending painted masks and images through shared memory cost more than decoding them
   (measured: ~20 ms per two 1-Mpx images with ~12 instances each).
 - Photometric jitter is brightness, contrast and saturation (torchvision ColorJitter's
   definitions, applied in that order) folded into one 3x3 colour matrix plus offset, clamped
@@ -46,6 +49,9 @@ GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 
 class SampleError(ValueError):
     """A sample whose image or annotation cannot be decoded (the message names the key)."""
+
+
+SHARD_HINT = "; run `shard verify`"
 
 
 # -- RLE ----------------------------------------------------------------------------------------
@@ -241,7 +247,8 @@ def apply_jitter(img: torch.Tensor, factors: tuple[float, float, float]) -> torc
     return x.clamp_(0, 255.49).to(torch.uint8)
 
 
-def decode_reduced(key: str, jpg: bytes, h: int, w: int, oh: int, ow: int) -> torch.Tensor | None:
+def decode_reduced(where: str, jpg: bytes, h: int, w: int, oh: int, ow: int, hint: str = "",
+                   stated: str = "its json says") -> torch.Tensor | None:
     """JPEG decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (libjpeg's scaling, via PIL's
     `draft`), never below the output size: for a shrink by 2x or more this skips most of the
     decode. None when the bytes are not a JPEG (the caller decodes them in full)."""
@@ -254,16 +261,53 @@ def decode_reduced(key: str, jpg: bytes, h: int, w: int, oh: int, ow: int) -> to
             im.draft("RGB", (ow, oh))
             arr = np.asarray(im.convert("RGB"))
     except (OSError, ValueError, SyntaxError) as e:
-        raise SampleError(f"sample '{key}': cannot decode the image ({e}); run `shard verify`") from e
+        raise SampleError(f"{where}: cannot decode the image ({e}){hint}") from e
     if size != (w, h):
-        raise SampleError(f"sample '{key}': image is {size[0]}x{size[1]}, its json says {w}x{h}; run `shard verify`")
+        raise SampleError(f"{where}: image is {size[0]}x{size[1]}, {stated} {w}x{h}{hint}")
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # one copy, writable
+
+
+def decode_rgb(where: str, data: bytes, hint: str = "") -> torch.Tensor:
+    """Image bytes -> uint8 [3, H, W] on the file's own pixel grid (no EXIF rotation, the grid
+    Kaggle's Height/Width and the shards use). torchvision's decoder (libjpeg-turbo, PNG, WebP,
+    GIF), PIL for what it cannot read (BMP, TIFF, ...); 16-bit images scaled to 8 bits."""
+    if len(data) == 0:
+        raise SampleError(f"{where}: empty file (0 bytes), not an image{hint}")
+    try:
+        img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError) as e:
+        try:
+            pil = Image.open(io.BytesIO(data))
+            pil.load()  # truncated data fails here, not later
+            return torch.from_numpy(np.ascontiguousarray(np.asarray(pil.convert("RGB")).transpose(2, 0, 1)))
+        except Exception:  # PIL raises many types for corrupt data: report torchvision's reason
+            raise SampleError(f"{where}: cannot decode the image ({e}){hint}") from e
+    if img.dtype != torch.uint8:
+        img = F.to_dtype(img, torch.uint8, scale=True)
+    return img
+
+
+def decode_resized(where: str, data: bytes, size: tuple[int, int], out: tuple[int, int], hint: str = "",
+                   stated: str = "its json says") -> torch.Tensor:
+    """Image bytes whose stated size is `size` (h, w) -> uint8 [3, oh, ow]: the one decode-and-
+    resize of the project, used by training (SampleTransform), eval (eval_source) and predict.
+    A shrink by 2x or more decodes at reduced scale first (`decode_reduced`); the last step is
+    torchvision's uint8 bilinear resize with antialias."""
+    (h, w), (oh, ow) = size, out
+    img = decode_reduced(where, data, h, w, oh, ow, hint, stated) if 2 * oh <= h and 2 * ow <= w else None
+    if img is None:
+        img = decode_rgb(where, data, hint)
+        if tuple(img.shape[1:]) != (h, w):
+            raise SampleError(f"{where}: image is {img.shape[2]}x{img.shape[1]}, {stated} {w}x{h}{hint}")
+    if tuple(img.shape[1:]) != (oh, ow):
+        img = F.resize(img, [oh, ow], interpolation=F.InterpolationMode.BILINEAR, antialias=True)
+    return img
 
 
 # -- the transform -------------------------------------------------------------------------------
 @dataclass
 class SampleTransform:
-    """jpg bytes + sample json -> (image float32 [3,H,W] in 0..1, target dict).
+    """jpg bytes + sample json -> (image uint8 [3,H,W], target dict); the model converts to float.
 
     Train: multi-scale resize (shorter side drawn from `min_size`), flip, jitter, from
     `aug_params(seed, epoch, key)`. Eval (`train=False`): resize to `test_size` only.
@@ -288,7 +332,7 @@ class SampleTransform:
 
     def decode(self, key: str, jpg: bytes, meta: dict, *, epoch: int, image_id: int) -> tuple[torch.Tensor, dict]:
         """All the work but the last memory-bound step, with a result that is cheap to send between
-        processes: the image as a uint8 numpy array (a quarter of float32's bytes), masks as runs
+        processes: the image as a uint8 numpy array, masks as runs
         (MaskRuns), small arrays as numpy; all pickled inline through the worker's pipe instead of
         one shared-memory segment per tensor (measured: faulting those segments in, on both
         sides, cost more than the copies). `finish_sample`, in the consuming process, makes the
@@ -296,16 +340,7 @@ class SampleTransform:
         p = self.params(epoch, key)
         h, w = int(meta["height"]), int(meta["width"])
         oh, ow = output_size(h, w, p.min_size, self.max_size)
-        img = decode_reduced(key, jpg, h, w, oh, ow) if 2 * oh <= h and 2 * ow <= w else None
-        if img is None:
-            try:
-                img = decode_image(torch.frombuffer(bytearray(jpg), dtype=torch.uint8), mode=ImageReadMode.RGB)
-            except RuntimeError as e:
-                raise SampleError(f"sample '{key}': cannot decode the image ({e}); run `shard verify`") from e
-            if tuple(img.shape[1:]) != (h, w):
-                raise SampleError(f"sample '{key}': image is {img.shape[2]}x{img.shape[1]}, its json says {w}x{h}; run `shard verify`")
-        if tuple(img.shape[1:]) != (oh, ow):
-            img = F.resize(img, [oh, ow], interpolation=F.InterpolationMode.BILINEAR, antialias=True)
+        img = decode_resized(f"sample '{key}'", jpg, (h, w), (oh, ow), SHARD_HINT)
         if p.flip:
             img = img.flip(-1)
         if p.jitter is not None:
@@ -348,9 +383,10 @@ class SampleTransform:
         }
 
 
-def finish_sample(img: torch.Tensor, wire: dict) -> tuple[torch.Tensor, dict]:
-    """`SampleTransform.decode` output -> (float32 image in 0..1, target of torch tensors)."""
-    return torch.from_numpy(img).to(torch.float32).mul_(1.0 / 255), {  # not img.mul(): uint8 * float is ~20x slower
+def finish_sample(img: np.ndarray, wire: dict) -> tuple[torch.Tensor, dict]:
+    """`SampleTransform.decode` output -> (uint8 image [3, H, W], target of torch tensors).
+    The image stays uint8: the model converts it on its device (a quarter of the bytes to copy)."""
+    return torch.from_numpy(img), {
         "boxes": torch.from_numpy(wire["boxes"]),
         "labels": torch.from_numpy(wire["labels"]),
         "masks": wire["masks"].paint(),

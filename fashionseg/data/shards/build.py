@@ -39,7 +39,8 @@ from fashionseg.data.sources.records import (
 )
 from fashionseg.io import atomic_open, atomic_write_json, sha256_file
 
-BUILDER_VERSION = 2  # bump when the bytes a shard holds change for the same input (2: 16-bit/float images scaled)
+BUILDER_VERSION = 3  # bump when the bytes a shard holds change for the same input (2: 16-bit/float images scaled;
+# 3: integer image_id + source_id, original-grid masks when resized)
 JPEG_QUALITY = 95  # used only when an image must be re-encoded (resize, repair)
 SIDECAR_DIR = ".build"
 POLYGON_MARGIN = 8  # polygon coordinates beyond this many image sizes are corrupt, not annotations
@@ -139,9 +140,9 @@ def process_image(key: str, img: RawImage, max_size: int | None) -> dict:
     problems: list[dict] = []
     out: dict[str, Any] = {"key": key, "jpg": None, "meta": None, "problems": problems}
     n_inst = len(img.instances)
-    lost = lambda reason: problems.append({**problem(DROP_IMAGE, reason, img.image_id, img.path), "instances": n_inst})  # noqa: E731
+    lost = lambda reason: problems.append({**problem(DROP_IMAGE, reason, img.source_id, img.path), "instances": n_inst})  # noqa: E731
     if not img.instances:
-        problems.append({**problem(DROP_IMAGE, "no valid instances in the source", img.image_id, img.path, bad=False), "instances": 0})
+        problems.append({**problem(DROP_IMAGE, "no valid instances in the source", img.source_id, img.path, bad=False), "instances": 0})
         return out
     try:
         data = Path(img.path).read_bytes()
@@ -161,10 +162,10 @@ def process_image(key: str, img: RawImage, max_size: int | None) -> dict:
     if fmt != "JPEG":
         suffix = Path(img.path).suffix
         what = f"{fmt} bytes behind a {suffix} name" if suffix.lower() in (".jpg", ".jpeg") else f"{fmt} image"
-        problems.append(problem(REPAIRED, f"{what}: re-encoded as JPEG", img.image_id, img.path, bad=False))
+        problems.append(problem(REPAIRED, f"{what}: re-encoded as JPEG", img.source_id, img.path, bad=False))
         reencode = True
     if pil.mode != "RGB":
-        problems.append(problem(REPAIRED, f"{pil.mode} image converted to RGB", img.image_id, img.path, bad=False))
+        problems.append(problem(REPAIRED, f"{pil.mode} image converted to RGB", img.source_id, img.path, bad=False))
         reencode = True
     # The mask grid is what the annotations state; an EXIF rotation may explain a mismatch.
     grids = Counter((i.height, i.width) for i in img.instances if i.height and i.width)
@@ -178,7 +179,7 @@ def process_image(key: str, img: RawImage, max_size: int | None) -> dict:
             turned = ImageOps.exif_transpose(pil)
             if (turned.height, turned.width) == grid:
                 problems.append(problem(REPAIRED, f"EXIF orientation {orientation} applied so the image matches its {grid[0]}x{grid[1]} masks",
-                                        img.image_id, img.path, bad=False))
+                                        img.source_id, img.path, bad=False))
                 pil, reencode = turned, True
     pil = _to_rgb(pil)
     h, w = pil.height, pil.width
@@ -191,42 +192,46 @@ def process_image(key: str, img: RawImage, max_size: int | None) -> dict:
         pil = pil.resize(new_size, Image.Resampling.BILINEAR)
         reencode = True
 
-    instances = []
+    instances, orig_only = [], []
     for inst in img.instances:
         ih, iw = (inst.height, inst.width) if inst.height and inst.width else (h, w)
         if (ih, iw) != (h, w):
             problems.append({**problem(DROP_INSTANCE, f"mask grid {ih}x{iw} != decoded image {h}x{w} (not explained by EXIF orientation)",
-                                       img.image_id, inst.where), "instances": 1})
+                                       img.source_id, inst.where), "instances": 1})
             continue
         coco, err, repaired = _decode_mask(inst, h, w)
         if coco is None:
-            problems.append({**problem(DROP_INSTANCE, err, img.image_id, inst.where), "instances": 1})
+            problems.append({**problem(DROP_INSTANCE, err, img.source_id, inst.where), "instances": 1})
             continue
         if repaired:
             what = "overlapping or unsorted runs merged (union)" if inst.kaggle_rle is not None else "invalid polygons skipped"
-            problems.append(problem(REPAIRED, what, img.image_id, inst.where, bad=False))
+            problems.append(problem(REPAIRED, what, img.source_id, inst.where, bad=False))
+        labels = {"category_id": inst.category_id, "attribute_ids": list(inst.attribute_ids)}
+        orig = None
         if scale is not None:
-            coco = _resize_mask(coco, scale)
+            orig, coco = coco, _resize_mask(coco, scale)
         enc = {"size": coco["size"], "counts": coco["counts"].encode("ascii")}
         area = int(mask_util.area(enc))
         if area == 0:
             bad = scale is None
             reason = "empty mask" if bad else f"mask vanished when resized to {scale[0]}x{scale[1]}"
-            problems.append({**problem(DROP_INSTANCE, reason, img.image_id, inst.where, bad=bad), "instances": 1})
+            problems.append({**problem(DROP_INSTANCE, reason, img.source_id, inst.where, bad=bad), "instances": 1})
+            if orig is not None:  # still part of the original-grid ground truth
+                orig_only.append({**labels, "orig_segmentation": orig})
             continue
         bbox = [int(round(v)) for v in mask_util.toBbox(enc).tolist()]
-        instances.append({"category_id": inst.category_id, "attribute_ids": list(inst.attribute_ids),
-                          "bbox": bbox, "area": area, "segmentation": coco})
+        instances.append({**labels, "bbox": bbox, "area": area, "segmentation": coco,
+                          **({"orig_segmentation": orig} if orig is not None else {})})
     if not instances:
-        problems.append({**problem(DROP_IMAGE, "no valid instances left", img.image_id, img.path, bad=False), "instances": 0})
+        problems.append({**problem(DROP_IMAGE, "no valid instances left", img.source_id, img.path, bad=False), "instances": 0})
         return out
     if reencode:
         buf = io.BytesIO()
         pil.save(buf, format="JPEG", quality=JPEG_QUALITY)
         data = buf.getvalue()
     out["jpg"] = data
-    out["meta"] = {"image_id": img.image_id, "height": pil.height, "width": pil.width, "orig_height": h, "orig_width": w,
-                   "instances": instances}
+    out["meta"] = {"image_id": img.image_id, "source_id": img.source_id, "height": pil.height, "width": pil.width,
+                   "orig_height": h, "orig_width": w, "instances": instances, **({"orig_only": orig_only} if orig_only else {})}
     return out
 
 
@@ -237,7 +242,7 @@ def _work(args: tuple[str, RawImage, int | None]) -> dict:
     except Exception as e:  # a bug or an exotic file must not end a multi-hour build: report it
         reason = f"unexpected error while processing ({type(e).__name__}: {e})"
         return {"key": key, "jpg": None, "meta": None,
-                "problems": [{**problem(DROP_IMAGE, reason, img.image_id, img.path), "instances": len(img.instances)}]}
+                "problems": [{**problem(DROP_IMAGE, reason, img.source_id, img.path), "instances": len(img.instances)}]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,7 +252,7 @@ def assign_keys(images: list[RawImage]) -> list[str]:
     seen: set[str] = set()
     keys = []
     for img in images:
-        key = base = manifest_lib.safe_key(img.image_id)
+        key = base = manifest_lib.safe_key(img.source_id)
         n = 1
         while key in seen:
             key = f"{base}_{n}"
@@ -367,7 +372,8 @@ class ShardWriter:
         self._tar.addfile(_tarinfo(f"{key}.jpg", len(jpg)), io.BytesIO(jpg))
         self._tar.addfile(_tarinfo(f"{key}.json", len(js)), io.BytesIO(js))
         cats = sorted({i["category_id"] for i in meta["instances"]})
-        self.samples.append({"key": key, "offset": offset, "width": meta["width"], "height": meta["height"], "categories": cats})
+        self.samples.append({"key": key, "offset": offset, "width": meta["width"], "height": meta["height"], "categories": cats,
+                             "image_id": meta["image_id"], "source_id": meta["source_id"]})
         self.num_instances += len(meta["instances"])
 
     def close(self) -> tuple[str, int]:
@@ -407,11 +413,11 @@ def plan_shards(source: Source, cfg: BuildConfig) -> list[_ShardPlan]:
     images = source.images
     keys = assign_keys(images)
     cats = [{i.category_id for i in img.instances} for img in images]
-    splits = stratified_split(cats, [img.image_id for img in images], cfg.val_fraction, cfg.seed)
+    splits = stratified_split(cats, [img.source_id for img in images], cfg.val_fraction, cfg.seed)
     settings = {"builder": BUILDER_VERSION, "quality": JPEG_QUALITY, "max_size": cfg.max_size}
     plans = []
     for split in manifest_lib.SPLITS:
-        members = sorted((i for i in range(len(images)) if splits[i] == split), key=lambda i: _rank(cfg.seed, images[i].image_id))
+        members = sorted((i for i in range(len(images)) if splits[i] == split), key=lambda i: _rank(cfg.seed, images[i].source_id))
         for s in range(0, len(members), cfg.samples_per_shard):
             chunk = [(keys[i], images[i]) for i in members[s : s + cfg.samples_per_shard]]
             p = _ShardPlan(split, manifest_lib.shard_name(split, s // cfg.samples_per_shard), chunk)

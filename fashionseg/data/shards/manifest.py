@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 FORMAT = "fashionseg-shards"
-VERSION = 1
+VERSION = 2  # 2: samples carry image_id (int) and source_id; version 1 sets still read (no ids)
+READABLE = (1, 2)
 MANIFEST_NAME = "manifest.json"
 REPORT_NAME = "report.json"
 SPLITS = ("train", "val")
@@ -44,6 +45,7 @@ def safe_key(image_id: str) -> str:
 
 
 _SAMPLE_FIELDS = (("key", str), ("offset", int), ("width", int), ("height", int), ("categories", list))
+_ID_FIELDS = (("image_id", int), ("source_id", str))  # version >= 2
 
 
 def _fail(path: Path, what: str) -> None:
@@ -57,8 +59,10 @@ def validate(manifest: Any, path: str | Path = MANIFEST_NAME) -> dict:
         _fail(path, "not a JSON object")
     if manifest.get("format") != FORMAT:
         _fail(path, f"format is {manifest.get('format')!r}, expected {FORMAT!r} (not a fashionseg shard manifest)")
-    if manifest.get("version") != VERSION:
-        _fail(path, f"version {manifest.get('version')!r} is not supported (this fashionseg reads version {VERSION})")
+    if manifest.get("version") not in READABLE:
+        _fail(path, f"version {manifest.get('version')!r} is not supported (this fashionseg reads versions "
+                    f"{', '.join(map(str, READABLE))})")
+    fields = _SAMPLE_FIELDS + (_ID_FIELDS if manifest["version"] >= 2 else ())
     if not isinstance(manifest.get("categories"), list) or not manifest["categories"]:
         _fail(path, "no 'categories' vocabulary")
     if not isinstance(manifest.get("attributes"), list):
@@ -82,13 +86,19 @@ def validate(manifest: Any, path: str | Path = MANIFEST_NAME) -> dict:
                 _fail(path, f"shard {shard['name']}: {len(shard['samples'])} samples listed, num_samples says {shard['num_samples']}")
             for j, sample in enumerate(shard["samples"]):
                 if not isinstance(sample, dict) or any(not isinstance(sample.get(f), k) or isinstance(sample.get(f), bool)
-                                                       for f, k in _SAMPLE_FIELDS):
-                    _fail(path, f"shard {shard['name']} sample #{j} needs {', '.join(f for f, _ in _SAMPLE_FIELDS)} "
+                                                       for f, k in fields):
+                    _fail(path, f"shard {shard['name']} sample #{j} needs {', '.join(f for f, _ in fields)} "
                                 f"(has {sorted(sample) if isinstance(sample, dict) else type(sample).__name__})")
             total += shard["num_samples"]
         if info.get("num_samples") != total:
             _fail(path, f"split '{split}': num_samples {info.get('num_samples')} != sum over its shards {total}")
     return manifest
+
+
+def require_ids(manifest: dict, path: str | Path) -> None:
+    """Eval and predict need the source's image ids, which version-1 sets do not carry."""
+    if manifest["version"] < 2:
+        _fail(Path(path), "built by an older fashionseg, without the source's image ids (format version 1)")
 
 
 def load(shard_dir: str | Path) -> dict:

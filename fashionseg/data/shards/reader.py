@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import tarfile
+import itertools
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator, Protocol, Sequence
 
 from fashionseg.data.shards import manifest as manifest_lib
 from fashionseg.data.shards.manifest import ManifestError
@@ -84,4 +85,48 @@ def iter_split(shard_dir: str | Path, split: str) -> Iterator[tuple[str, bytes, 
         yield from iter_shard(shard_dir / shard["name"])
 
 
-__all__ = ["ManifestError", "ShardError", "read_manifest", "iter_shard", "iter_split"]
+class SampleTable(Protocol):
+    """Where each sample of a split lies (plan.Pool is one): index i is in shard
+    `shard_names[shard[i]]`, its first header at byte `offset[i]`, its key `keys[i]`."""
+
+    shard_names: list[str]
+    shard: Sequence[int]
+    offset: Sequence[int]
+    keys: list[str]
+
+
+def iter_samples(shard_dir: str | Path, table: SampleTable, indices: Iterable[int], gap: int = 0) -> Iterator[tuple[int, tuple[str, bytes, dict]]]:
+    """`(i, (key, jpg, meta))` for the given table indices, in index order (= shard order, then
+    sample order): per shard, in runs of nearby samples, each run one seek plus a sequential
+    read. Samples in a gap of <= `gap` between two wanted ones are read through (never decoded);
+    gap=0 seeks to every wanted sample, so nothing else is read."""
+    shard_dir = Path(shard_dir)
+    todo = sorted(set(int(i) for i in indices))
+    for _, group in itertools.groupby(todo, key=lambda i: int(table.shard[i])):
+        group = list(group)
+        runs, run = [], [group[0]]
+        for i in group[1:]:
+            if i - run[-1] <= max(gap, 1):  # neighbours always share a run
+                run.append(i)
+            else:
+                runs.append(run)
+                run = [i]
+        runs.append(run)
+        for run in runs:
+            first, wanted = run[0], set(run)
+            path = shard_dir / table.shard_names[int(table.shard[first])]
+            for j, (key, jpg, meta) in enumerate(iter_shard(path, int(table.offset[first]), run[-1] - first + 1)):
+                i = first + j
+                if key != table.keys[i]:
+                    raise ShardError(f"{path}: expected sample '{table.keys[i]}' at byte {int(table.offset[i])}, found '{key}': "
+                                     f"the manifest does not describe this shard; run `shard verify {shard_dir}`")
+                if i in wanted:
+                    yield i, (key, jpg, meta)
+
+
+def read_samples(shard_dir: str | Path, table: SampleTable, indices: Iterable[int], gap: int = 64) -> dict[int, tuple[str, bytes, dict]]:
+    """`iter_samples` as a dict (the loader reads a window's samples at once)."""
+    return dict(iter_samples(shard_dir, table, indices, gap))
+
+
+__all__ = ["ManifestError", "ShardError", "SampleTable", "read_manifest", "iter_shard", "iter_split", "iter_samples", "read_samples"]

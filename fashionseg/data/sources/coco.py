@@ -109,7 +109,11 @@ def read(src: str | Path, images_dir: str | Path | None = None) -> Source:
         h, w = im.get("height"), im.get("width")
         if not (isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0):
             h = w = None  # taken from the decoded image
-        images[im["id"]] = RawImage(image_id_of(str(im["file_name"])), str(root / str(im["file_name"])), h, w)
+        images[im["id"]] = RawImage(image_id_of(str(im["file_name"])), str(root / str(im["file_name"])), h, w,
+                                    image_id=im["id"] if _is_int(im["id"]) else 0)
+    if not all(_is_int(k) for k in images):  # string ids (some exporters): 1..N in the file's order
+        for n, img in enumerate(images.values()):
+            img.image_id = n + 1
 
     for i, ann in enumerate(d["annotations"]):
         where = f"annotation id {ann.get('id', f'#{i}')}" if isinstance(ann, dict) else f"annotations[{i}]"
@@ -122,25 +126,25 @@ def read(src: str | Path, images_dir: str | Path | None = None) -> Source:
             continue
         cls = ann.get("category_id")
         if not _is_int(cls) or not vocab.has_category(cls):
-            problems.append(problem(DROP_INSTANCE, f"unknown category_id {cls!r}", img.image_id, where))
+            problems.append(problem(DROP_INSTANCE, f"unknown category_id {cls!r}", img.source_id, where))
             continue
         seg = ann.get("segmentation")
         if not seg:
-            problems.append(problem(DROP_INSTANCE, "no segmentation", img.image_id, where))
+            problems.append(problem(DROP_INSTANCE, "no segmentation", img.source_id, where))
             continue
         if ann.get("iscrowd") in (1, True):
             # a crowd region is not an instance: torchvision's references drop these for training
-            problems.append(problem(DROP_INSTANCE, "iscrowd annotation (a crowd region, not an instance)", img.image_id, where, bad=False))
+            problems.append(problem(DROP_INSTANCE, "iscrowd annotation (a crowd region, not an instance)", img.source_id, where, bad=False))
             continue
         raw_attrs = ann.get("attribute_ids") or []
         if not isinstance(raw_attrs, list):
             problems.append(problem(DROP_ATTRIBUTE, f"attribute_ids is {type(raw_attrs).__name__}, not a list (ignored, instance kept)",
-                                    img.image_id, where, bad=False))
+                                    img.source_id, where, bad=False))
             raw_attrs = []
         attrs: list[int] = []
         for a in raw_attrs:
             if not _is_int(a) or not vocab.has_attribute(a):
-                problems.append(problem(DROP_ATTRIBUTE, f"unknown attribute id {a!r} (instance kept)", img.image_id, where, bad=False))
+                problems.append(problem(DROP_ATTRIBUTE, f"unknown attribute id {a!r} (instance kept)", img.source_id, where, bad=False))
                 continue
             attrs.append(a)
         img.instances.append(RawInstance(where, cls, sorted(set(attrs)), img.height or 0, img.width or 0, segmentation=seg))

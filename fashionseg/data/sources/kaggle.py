@@ -93,19 +93,20 @@ def _resolve_images(source: Source, image_dir: Path) -> None:
                 stem, suffix = os.path.splitext(entry.name)
                 if suffix.lower() in IMAGE_SUFFIXES:
                     by_stem.setdefault(stem, entry.name)
-        direct = image_dir / img.image_id
-        name = img.image_id if Path(img.image_id).suffix.lower() in IMAGE_SUFFIXES and direct.is_file() else by_stem.get(img.image_id)
+        direct = image_dir / img.source_id
+        name = img.source_id if Path(img.source_id).suffix.lower() in IMAGE_SUFFIXES and direct.is_file() else by_stem.get(img.source_id)
         if name is not None:
             img.path = str(image_dir / name)
             found += 1
     if found == 0:
         raise SourceError(f"{image_dir}: none of the {len(source.images)} images listed in {source.path.name} is here "
-                          f"(e.g. {source.images[0].image_id}.jpg; nothing valid to build); pass the folder holding them with --images DIR")
+                          f"(e.g. {source.images[0].source_id}.jpg; nothing valid to build); pass the folder holding them with --images DIR")
 
 
 def _read_rows(reader: csv.DictReader, csv_path: Path, vocab: Vocab, image_dir: Path) -> Source:
     problems: list[dict] = []
     images: dict[str, RawImage] = {}
+    named: set[str] = set()  # every ImageId of the CSV, for the integer ids
     num_rows = 0
     # tolerate " EncodedPixels" and quoted/padded header names
     reader.fieldnames = [(h or "").strip() for h in (reader.fieldnames or [])]
@@ -124,6 +125,7 @@ def _read_rows(reader: csv.DictReader, csv_path: Path, vocab: Vocab, image_dir: 
         if not image_id:
             problems.append(problem(DROP_INSTANCE, "empty ImageId", None, where))
             continue
+        named.add(image_id)
         h, w, cls = _int(row["Height"]), _int(row["Width"]), _int(row["ClassId"])
         if h is None or w is None or h <= 0 or w <= 0:
             problems.append(problem(DROP_INSTANCE, f"bad Height/Width {row['Height']!r}x{row['Width']!r}", image_id, where))
@@ -151,4 +153,13 @@ def _read_rows(reader: csv.DictReader, csv_path: Path, vocab: Vocab, image_dir: 
                 continue
             attrs.append(a)
         img.instances.append(RawInstance(where, cls, sorted(set(attrs)), h, w, kaggle_rle=encoded))
+    assign_ids(images.values(), named)
     return Source("kaggle", csv_path, vocab, list(images.values()), problems, num_rows)
+
+
+def assign_ids(images, names: set[str]) -> None:
+    """Kaggle ImageIds are strings: image `i` of the sorted distinct ImageIds of the CSV gets
+    integer id i + 1, whatever the row order and whichever rows turn out bad."""
+    ids = {name: i + 1 for i, name in enumerate(sorted(names))}
+    for img in images:
+        img.image_id = ids[img.source_id]

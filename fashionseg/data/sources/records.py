@@ -36,11 +36,12 @@ class RawInstance:
 
 @dataclass
 class RawImage:
-    image_id: str
+    source_id: str  # the source's name for the image: Kaggle ImageId, COCO file_name without extension
     path: str
     height: int | None  # size the source states (None when the source does not say)
     width: int | None
     instances: list[RawInstance] = field(default_factory=list)
+    image_id: int = 0  # integer id: COCO images[].id, or assigned by the reader (docs/formats.md "Image ids")
 
 
 @dataclass
