@@ -17,7 +17,7 @@ from PIL import Image
 
 from fashionseg.cli import main as fashionseg_main
 from fashionseg.data.rle import decode_coco
-from fashionseg.data.shards.reader import iter_split, read_manifest
+from fashionseg.data.shards.reader import read_manifest
 from fashionseg.data.vocab import Vocab
 from fashionseg.eval import inference as inf
 from fashionseg.eval.predict import merge_passes, tta_outputs
@@ -75,32 +75,52 @@ def by_image(preds: list[dict]) -> dict[str, list[dict]]:
 
 
 # -- predict ------------------------------------------------------------------------------------
+def _model_on(model, img: torch.Tensor) -> dict:
+    """The model's own output for a test image, its resize made the identity (reference for predict)."""
+    t = model.transform
+    saved = (t.min_size, t.max_size)
+    t.min_size, t.max_size = (min(img.shape[-2:]),), max(img.shape[-2:])
+    try:
+        return model([img.float() / 255])[0]
+    finally:
+        t.min_size, t.max_size = saved
+
+
 def test_predict_submission_is_bit_exact_on_the_original_grid(weights, resized_shards, image_folder, tmp_path):
+    from fashionseg.data.eval_source import decode_for_test, iter_eval_samples
+
     out = tmp_path / "pred"
     assert fashionseg_main(["predict", "--weights", str(weights), str(image_folder), str(resized_shards), "--split", "val",
                             "--out", str(out), "--device", "cpu", "--no-progress", "--batch-size", "1"]) == 0  # batches pad: compare unbatched
     preds = json.loads((out / "predictions.json").read_text())
+    assert all("bbox" not in p for p in preds)  # segm results: areas from masks (module docstring)
     grouped = by_image(preds)
     model, vocab, cfg = inf.load_weights(weights, "cpu")
 
-    # the original grids: files as decoded, shard samples from their JSON
-    grids, stored = {}, {}
-    for f in sorted(image_folder.iterdir()):
-        grids[f.stem] = Image.open(f).size[::-1]
-        stored[f.stem] = inf.decode_image(f)
-    for key, jpg, meta in iter_split(resized_shards, "val"):
-        grids[meta["image_id"]] = (meta["orig_height"], meta["orig_width"])
-        stored[meta["image_id"]] = inf.decode_image(jpg)
-    assert any(stored[k].shape[-2:] != grids[k] for k in grids), "the fixture must resize some images"
+    # the original grids and the test images the data layer gives (test size 64, max 96 from the weights)
+    grids, test_images, ids = {}, {}, {}
+    for s in iter_eval_samples(resized_shards, "val", test_size=64, max_size=96):
+        key = s.meta["source_id"]
+        grids[key], test_images[key], ids[key] = s.original_size, s.image, s.image_id
+        assert s.stored_size != s.original_size  # the fixture resizes every image
+    first = max(int(x["image_id"]) for sh in read_manifest(resized_shards)["splits"]["val"]["shards"]
+                for x in sh["samples"]) + 1
+    for i, f in enumerate(sorted(image_folder.iterdir())):
+        test_images[f.stem], grids[f.stem] = decode_for_test(f, 64, 96)
+        ids[f.stem] = first + i  # loose files are numbered in input order, after the shards' ids
     assert set(grouped) == set(grids)  # score_thresh 0: every image has detections
     assert all(len(v) == cfg.detections_per_img for v in grouped.values())
+    assert all(p["image_id"] == ids[p["image_key"]] for p in preds)
+    images = json.loads((out / "images.json").read_text())["images"]
+    assert {im["file_name"]: (im["id"], (im["height"], im["width"])) for im in images} == \
+        {k: (ids[k], tuple(grids[k])) for k in grids}
 
     with torch.no_grad():
         for key, dets in grouped.items():
             masks = np.stack([decode_coco(d["segmentation"]) for d in dets])
             assert masks.shape[1:] == tuple(grids[key])
             # the masks are the model's own, resized to the original grid, cut at mask_thresh
-            o = model([stored[key]])[0]
+            o = _model_on(model, test_images[key])
             probs = o["masks"]
             if tuple(probs.shape[-2:]) != tuple(grids[key]):
                 probs = F.interpolate(probs, size=tuple(grids[key]), mode="bilinear", align_corners=False)
@@ -148,10 +168,12 @@ def test_predict_tta_end_to_end(weights, image_folder, tmp_path):
 
 
 def test_tta_single_pass_equals_plain_inference(weights, image_folder):
+    from fashionseg.data.eval_source import decode_for_test
+
     model, _, _ = inf.load_weights(weights, "cpu")
-    img = inf.decode_image(image_folder / "odd_b.jpg")
+    img, _ = decode_for_test(image_folder / "odd_b.jpg", 64, 96)
     with torch.no_grad():
-        plain = model([img])[0]
+        plain = inf.forward_by_shape(model, [img], [tuple(img.shape[-2:])])[0]
         one = tta_outputs(model, [img], scales=(1.0,), hflip=False)[0]
         flipped = tta_outputs(model, [img.flip(-1)], scales=(1.0,), hflip=False)[0]
     # one pass at the model's own scale: the model's NMS already left no same-class pair at

@@ -1,26 +1,20 @@
 """COCO-format ground truth and detections, scored with pycocotools' COCOeval (bbox and segm).
 
-Ground truth comes from the shards' per-sample JSON (FORMATS.md section 3): masks are COCO RLE on
-the stored image's grid, so detections are scored on that same grid. Image ids are the sample's
-index in its split (shard order), the same `image_id` the loader puts in its targets.
-
-Detections ("results") are COCO result dicts with this project's extra attribute fields:
-`{"image_id", "category_id" (source id), "score", "bbox" [x, y, w, h], "segmentation" (RLE),
-"attribute_ids" [source ids], "attribute_scores" [floats, parallel to attribute_ids]}`.
+Ground truth is a COCO dataset dict: `fashionseg.data.eval_source.ground_truth` for a shard split
+(the source's image ids, original or stored grid), or any COCO/Fashionpedia annotation file
+(score.read_annotations). Detections ("results") are COCO result dicts with this project's
+extra attribute fields: `{"image_id", "category_id" (source id), "score", "segmentation" (RLE),
+"bbox" [x, y, w, h] (optional for segm), "attribute_ids" [source ids], "attribute_scores"}`.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import io
-from typing import Iterable
 
 import numpy as np
-from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-
-from fashionseg.data.vocab import Vocab
 
 # The order of COCOeval.stats for bbox/segm.
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -35,56 +29,6 @@ def _undefined_to_none(x: float) -> float | None:
     """pycocotools reports -1 where a metric is undefined (no ground truth in that range)."""
     x = float(x)
     return None if x < 0 else x
-
-
-def gt_from_samples(samples: Iterable[tuple[str, dict]], vocab: Vocab) -> dict:
-    """(key, sample JSON) pairs in split order -> a COCO ground-truth dataset dict.
-
-    Image `id` is the running index (0, 1, ...), `file_name` the sample key; the original
-    ImageId and original size ride along so predictions can go back to the source grid.
-    """
-    images, annotations = [], []
-    for index, (key, meta) in enumerate(samples):
-        try:
-            h, w = int(meta["height"]), int(meta["width"])
-            instances = meta["instances"]
-        except (KeyError, TypeError, ValueError) as e:
-            raise EvalDataError(f"sample '{key}': per-sample JSON lacks {e} (FORMATS.md section 3)") from None
-        images.append({"id": index, "file_name": key, "height": h, "width": w,
-                       "image_key": meta.get("image_id", key),
-                       "orig_height": int(meta.get("orig_height", h)), "orig_width": int(meta.get("orig_width", w))})
-        for j, inst in enumerate(instances):
-            cat = inst.get("category_id")
-            if not vocab.has_category(cat):
-                raise EvalDataError(f"sample '{key}' instance {j}: category_id {cat!r} is not in the vocabulary")
-            seg = inst.get("segmentation")
-            if not isinstance(seg, dict) or "counts" not in seg:
-                raise EvalDataError(f"sample '{key}' instance {j}: 'segmentation' is not a COCO RLE dict")
-            if list(seg.get("size", [])) != [h, w]:
-                raise EvalDataError(f"sample '{key}' instance {j}: mask size {seg.get('size')} != image {h}x{w}")
-            rle = {"size": [h, w], "counts": seg["counts"].encode("ascii") if isinstance(seg["counts"], str) else seg["counts"]}
-            if isinstance(rle["counts"], list):
-                rle = mask_util.frPyObjects(rle, h, w)
-            area = float(mask_util.area(rle))
-            bbox = [float(v) for v in inst.get("bbox") or mask_util.toBbox(rle).tolist()]
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": index, "category_id": cat,
-                "attribute_ids": [int(a) for a in inst.get("attribute_ids") or []],
-                "segmentation": {"size": [h, w], "counts": rle["counts"].decode("ascii")
-                                 if isinstance(rle["counts"], bytes) else rle["counts"]},
-                "area": area, "bbox": bbox, "iscrowd": 0,
-            })
-    return {"images": images, "annotations": annotations,
-            "categories": [dict(c) for c in vocab.categories], "attributes": [dict(a) for a in vocab.attributes]}
-
-
-def gt_from_shards(shard_dir, split: str, vocab: Vocab | None = None) -> dict:
-    """Every sample of `split` in a shard set -> COCO ground-truth dict (vocabulary from the manifest)."""
-    from fashionseg.data.shards.reader import iter_split, read_manifest
-
-    if vocab is None:
-        vocab = Vocab.from_dict(read_manifest(shard_dir))
-    return gt_from_samples(((key, meta) for key, _, meta in iter_split(shard_dir, split)), vocab)
 
 
 def coco_from_dict(dataset: dict) -> COCO:
@@ -192,11 +136,3 @@ def gt_counts(gt: dict) -> dict[str, int]:
         key = str(a["category_id"])
         counts[key] = counts.get(key, 0) + 1
     return counts
-
-
-def results_from_gt(gt: dict, score: float = 1.0) -> list[dict]:
-    """Ground truth turned into detections (each annotation with `score`): the AP = 1 oracle."""
-    return [{"image_id": a["image_id"], "category_id": a["category_id"], "score": score,
-             "bbox": list(a["bbox"]), "segmentation": dict(a["segmentation"]),
-             "attribute_ids": list(a["attribute_ids"]), "attribute_scores": [1.0] * len(a["attribute_ids"])}
-            for a in gt["annotations"]]
