@@ -15,26 +15,9 @@ import pytest
 from fashionseg.cli import main as fashionseg_main
 from fashionseg.data.eval_source import ground_truth
 from fashionseg.eval import inference as inf
-from train_utils import save_random_weights
 
 from fashionpedia_files import official_fp_eval
-
-
-@pytest.fixture(scope="module")
-def resized_shards(synth_src, tmp_path_factory):
-    """The synthetic dataset built with max_size=64: stored images smaller than the originals."""
-    from fashionseg.data.shards.build import BuildConfig, build
-
-    out = tmp_path_factory.mktemp("resized_shards")
-    code, report = build(BuildConfig(src=str(synth_src), out=str(out), samples_per_shard=4, val_fraction=0.25,
-                                     max_size=64, workers=1, progress=False))
-    assert code == 0, report.get("error")
-    return out
-
-
-@pytest.fixture(scope="module")
-def weights(resized_shards, tmp_path_factory):
-    return save_random_weights(resized_shards, tmp_path_factory.mktemp("weights") / "model_final.pth", 4)
+from test_predict_submission import resized_shards, weights  # noqa: F401 (fixtures: a --max-size shard set, a random model)
 
 
 @pytest.fixture(scope="module")

@@ -57,9 +57,11 @@ def empty_split(split: str) -> dict:
 
 
 def _default_scale(net) -> tuple[int, int]:
+    """An older model's own resize target (it resized test images itself)."""
     t = getattr(net, "transform", None)
-    if t is None or not hasattr(t, "min_size"):
-        raise ValueError("evaluate_model needs test_size and max_size (the run's data.test_size / data.max_size)")
+    if getattr(t, "min_size", None) is None or getattr(t, "max_size", None) is None:
+        raise ValueError("evaluate_model needs test_size and max_size: the run's data.test_size (or the largest "
+                         "data.min_size) and data.max_size (inference.test_scale(config) gives both)")
     return int(max(t.min_size)), int(t.max_size)
 
 
