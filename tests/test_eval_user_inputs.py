@@ -186,7 +186,8 @@ def _bad_rank_worker(rank: int, world: int, port: int, weights: str, shards: str
     try:
         model, vocab, _ = inf.load_weights(weights, "cpu")
         try:
-            evaluate_model(model, shards, "val", vocab, mask_thresh=0.5, batch_size=1, device="cpu", progress=False)
+            evaluate_model(model, shards, "val", vocab, mask_thresh=0.5, batch_size=1, device="cpu", test_size=64,
+                           max_size=96, progress=False)
             msg = "no error"
         except ValueError as e:
             msg = str(e)

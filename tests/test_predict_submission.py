@@ -75,15 +75,22 @@ def by_image(preds: list[dict]) -> dict[str, list[dict]]:
 
 
 # -- predict ------------------------------------------------------------------------------------
-def _model_on(model, img: torch.Tensor) -> dict:
-    """The model's own output for a test image, its resize made the identity (reference for predict)."""
+def _model_on(model, img: torch.Tensor, size: tuple[int, int]) -> dict:
+    """The model's own output for a test image, masks on the original grid `size` (the reference
+    for predict): pasted there by the model (output_sizes), or, for an older model that resizes
+    itself, on the test grid with that resize made the identity and the probabilities resized."""
+    if inf.takes_output_sizes(model):
+        return model([img], output_sizes=[tuple(size)])[0]
     t = model.transform
     saved = (t.min_size, t.max_size)
     t.min_size, t.max_size = (min(img.shape[-2:]),), max(img.shape[-2:])
     try:
-        return model([img.float() / 255])[0]
+        o = model([img.float() / 255])[0]
     finally:
         t.min_size, t.max_size = saved
+    if tuple(o["masks"].shape[-2:]) != tuple(size):
+        o["masks"] = F.interpolate(o["masks"], size=tuple(size), mode="bilinear", align_corners=False)
+    return o
 
 
 def test_predict_submission_is_bit_exact_on_the_original_grid(weights, resized_shards, image_folder, tmp_path):
@@ -119,12 +126,9 @@ def test_predict_submission_is_bit_exact_on_the_original_grid(weights, resized_s
         for key, dets in grouped.items():
             masks = np.stack([decode_coco(d["segmentation"]) for d in dets])
             assert masks.shape[1:] == tuple(grids[key])
-            # the masks are the model's own, resized to the original grid, cut at mask_thresh
-            o = _model_on(model, test_images[key])
-            probs = o["masks"]
-            if tuple(probs.shape[-2:]) != tuple(grids[key]):
-                probs = F.interpolate(probs, size=tuple(grids[key]), mode="bilinear", align_corners=False)
-            np.testing.assert_array_equal(masks, (probs[:, 0] > cfg.mask_thresh).numpy().astype(np.uint8))
+            # the masks are the model's own on the original grid, cut at mask_thresh
+            o = _model_on(model, test_images[key], grids[key])
+            np.testing.assert_array_equal(masks, (o["masks"][:, 0] > cfg.mask_thresh).numpy().astype(np.uint8))
             assert [d["score"] for d in dets] == pytest.approx(o["scores"].tolist())
             assert [d["category_id"] for d in dets] == [vocab.category_id(int(l)) for l in o["labels"]]
 
@@ -172,6 +176,7 @@ def test_tta_single_pass_equals_plain_inference(weights, image_folder):
 
     model, _, _ = inf.load_weights(weights, "cpu")
     img, _ = decode_for_test(image_folder / "odd_b.jpg", 64, 96)
+    resize_target = (model.transform.min_size, model.transform.max_size)
     with torch.no_grad():
         plain = inf.forward_by_shape(model, [img], [tuple(img.shape[-2:])])[0]
         one = tta_outputs(model, [img], scales=(1.0,), hflip=False)[0]
@@ -181,7 +186,7 @@ def test_tta_single_pass_equals_plain_inference(weights, image_folder):
     assert len(one["scores"]) == len(plain["scores"]) > 0
     for k in ("boxes", "labels", "scores", "masks", "attribute_scores"):
         torch.testing.assert_close(one[k], plain[k], rtol=0, atol=0)
-    assert model.transform.min_size == (64,) and model.transform.max_size == 96  # restored
+    assert (model.transform.min_size, model.transform.max_size) == resize_target  # restored (older models)
     assert len(flipped["scores"]) > 0
 
 
@@ -317,7 +322,8 @@ def _eval_worker(rank: int, world: int, port: int, weights: str, shards: str, ou
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         model, vocab, _ = inf.load_weights(weights, "cpu")
-        m = evaluate_model(model, shards, "val", vocab, mask_thresh=0.5, batch_size=1, device="cpu", progress=False)
+        m = evaluate_model(model, shards, "val", vocab, mask_thresh=0.5, batch_size=1, device="cpu", test_size=64,
+                           max_size=96, progress=False)
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(m))
     finally:
         dist.destroy_process_group()
@@ -341,9 +347,11 @@ def test_distributed_eval_equals_single_process(weights, resized_shards, tmp_pat
 
     mp.spawn(_eval_worker, args=(2, _free_port(), str(weights), str(resized_shards), str(tmp_path)), nprocs=2, join=True)
     model, vocab, _ = inf.load_weights(weights, "cpu")
-    model.train()
-    single = evaluate_model(model, resized_shards, "val", vocab, mask_thresh=0.5, batch_size=1, device="cpu", progress=False)
-    assert model.training  # mode restored
+    trainable = not getattr(model, "folded", False)  # a BatchNorm-folded model (eval/predict's) cannot train
+    model.train(trainable)
+    single = evaluate_model(model, resized_shards, "val", vocab, mask_thresh=0.5, batch_size=1, device="cpu",
+                            test_size=64, max_size=96, progress=False)
+    assert model.training == trainable  # mode restored
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     single = json.loads(json.dumps(single))
     for m in ranks + [single]:
