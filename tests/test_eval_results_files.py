@@ -29,7 +29,7 @@ def predicted(weights, resized_shards, tmp_path_factory):
     return out, json.loads((out / "predictions.json").read_text())
 
 
-def test_predictions_load_in_the_official_apis_and_score_there(predicted, resized_shards, tmp_path):
+def test_predictions_load_in_the_official_apis_and_score_there(predicted, resized_shards, tmp_path, capsys):
     """The running split index was the image_id: loadRes refused the file ('Results do not
     correspond to current coco set'), or scored it against the wrong images."""
     from pycocotools.coco import COCO
@@ -48,6 +48,8 @@ def test_predictions_load_in_the_official_apis_and_score_there(predicted, resize
     scored = tmp_path / "score.json"
     assert fashionseg_main(["score", str(gt_path), str(out / "predictions.json"), "--out", str(scored)]) == 0
     m = json.loads(scored.read_text())
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "attribute categories: official, 18 ids" in printed and "APo (outerwear)" in printed
     for key, theirs in official.results.items():
         assert (m["iou_f1"][key] is None) if theirs == -1 else m["iou_f1"][key] == pytest.approx(theirs, abs=1e-9), key
     for key, theirs in official.resultF1.items():

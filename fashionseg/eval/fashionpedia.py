@@ -47,7 +47,6 @@ from fashionseg.eval import coco as coco_lib
 OFFICIAL_CATS_WITH_ATTRIBUTES = (10, 7, 0, 6, 5, 4, 9, 31, 33, 3, 12, 11, 1, 2, 8, 32, 29, 28)
 # fp_eval.py FPParams.catSuperClsName / catSuperCls / catSuperClsIds.
 SUPERCATEGORIES = (("outerwear", "o", range(0, 13)), ("accessory", "a", range(13, 27)), ("part", "p", range(27, 46)))
-TABLES = ("iou_f1", "iou_only", "f1_only")  # fp_eval: results, resultDet, resultF1
 
 
 def _thresholds() -> np.ndarray:

@@ -22,25 +22,28 @@ def summary_table(metrics: dict, title: str = "COCO metrics"):
     return table
 
 
-FP_COLUMNS = ("AP", "AP_IOU50", "AP_IOU75", "AP_F150", "AP_F175", "APs", "APm", "APl", "AR@1", "AR@10", "AR@100",
-              "APo", "APa", "APp")
-FP_ROWS = (("iou_f1", "IoU+F1"), ("iou_only", "IoU only"), ("f1_only", "F1 only"))
+FP_TABLES = (("iou_f1", "IoU+F1"), ("iou_only", "IoU only"), ("f1_only", "F1 only"))
+FP_LABELS = {"APo": "APo (outerwear)", "APa": "APa (accessory)", "APp": "APp (part)"}
 
 
 def fashionpedia_table(metrics: dict):
-    """The official evaluator's three tables as rows; APo/APa/APp: outerwear / accessory / part."""
+    """The official evaluator's three tables side by side, a row per figure, in its order."""
     from rich.table import Table
 
     attr = metrics.get("attribute_categories") or {}
-    table = Table(title=f"AP^{{IoU+F1}} ({metrics.get('iou_f1_type', 'segm')} IoU; attribute categories: "
-                        f"{attr.get('set', '?')}, {len(attr.get('ids', []))} ids) in %")
-    table.add_column("thresholds")
-    for c in FP_COLUMNS:
-        table.add_column(c.replace("AP_", ""), justify="right")
-    for key, label in FP_ROWS:
-        m = metrics.get(key)
-        if m:
-            table.add_row(label, *("" if c not in m else _pct(m[c]) for c in FP_COLUMNS))
+    tables = [(key, label) for key, label in FP_TABLES if metrics.get(key)]
+    table = Table(title=f"AP^{{IoU+F1}} in % ({metrics.get('iou_f1_type', 'segm')} IoU; attribute categories: "
+                        f"{attr.get('set', '?')}, {len(attr.get('ids', []))} ids)")
+    table.add_column("figure")
+    for _, label in tables:
+        table.add_column(label, justify="right")
+    figures = [k for k in metrics[tables[0][0]]] if tables else []
+    for key, _ in tables[1:]:
+        figures += [k for k in metrics[key] if k not in figures]
+    figures = [f for f in figures if f not in FP_LABELS] + [f for f in FP_LABELS if f in figures]  # groups last
+    for fig in figures:
+        table.add_row(FP_LABELS.get(fig, fig), *("" if fig not in metrics[key] else _pct(metrics[key][fig])
+                                                 for key, _ in tables))
     return table
 
 
