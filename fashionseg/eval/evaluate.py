@@ -137,14 +137,22 @@ def evaluate_model(model: torch.nn.Module, shard_dir, split: str, vocab: Vocab, 
                                  device=device, test_size=test_size, max_size=max_size, grid=grid,
                                  accelerator=accelerator, attr_thresh=attr_thresh, max_images=max_images,
                                  progress=progress)
-    metrics = None
+    metrics, error = None, None
     if results is not None:
-        gt = ground_truth(shard_dir, split, grid=grid, max_images=max_images)
-        metrics = score_results(gt, results, iou_f1="segm" if iou_f1 else None,
-                                attribute_categories=attribute_categories, segm_area_from_masks=True)
-        metrics.update(split=split, grid=grid, mask_thresh=mask_thresh, attr_thresh=attr_thresh, test_size=test_size,
-                       max_size=max_size, infer_seconds=round(seconds, 3))
-    return inf.broadcast_from_main(metrics, accelerator)
+        try:
+            gt = ground_truth(shard_dir, split, grid=grid, max_images=max_images)
+            metrics = score_results(gt, results, iou_f1="segm" if iou_f1 else None,
+                                    attribute_categories=attribute_categories, segm_area_from_masks=True)
+            metrics.update(split=split, grid=grid, mask_thresh=mask_thresh, attr_thresh=attr_thresh,
+                           test_size=test_size, max_size=max_size, infer_seconds=round(seconds, 3))
+        except Exception as e:  # raised on every rank below: the others would wait for the metrics forever
+            if inf.rank_and_world(accelerator)[1] == 1:
+                raise
+            error = (type(e), str(e))
+    metrics, error = inf.broadcast_from_main((metrics, error), accelerator)
+    if error:
+        raise (error[0] if issubclass(error[0], ValueError) else RuntimeError)(error[1])
+    return metrics
 
 
 class progress_bar:  # noqa: N801 (used like a function)

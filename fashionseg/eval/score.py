@@ -136,7 +136,8 @@ def add_attribute_categories_argument(p: argparse.ArgumentParser) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("annotations", metavar="ANNOTATIONS", help="COCO / Fashionpedia annotation JSON")
     p.add_argument("results", metavar="RESULTS", help="COCO results JSON (a list; e.g. predict's predictions.json)")
-    p.add_argument("--iou-type", choices=coco_lib.IOU_TYPES, default="segm")
+    p.add_argument("--iou-type", choices=coco_lib.IOU_TYPES, default="segm",
+                   help="IoU of masks or of boxes, for COCO AP and AP^{IoU+F1} (default: segm)")
     p.add_argument("--out", default=None, help="write the metrics JSON here")
     add_attribute_categories_argument(p)
     p.add_argument("--no-iou-f1", action="store_true", help="COCO AP only")
