@@ -151,3 +151,15 @@ def test_score_names_what_is_wrong(resized_shards, tmp_path, capsys):
     gt_path.write_text(json.dumps(bad))
     assert "annotations[0] (id 1): category_id 999 is not in 'categories'" in score(gt_path, res)
     assert "--attribute-categories" in score(gt_path, res, "--attribute-categories", "shoes")
+
+
+def test_the_test_scale_comes_from_the_run_config():
+    """The data layer owns every resize: eval/predict take the run's data.test_size (None: the
+    largest data.min_size) and data.max_size; flags win; older files carried model.min_size."""
+    run = {"data": {"min_size": [600, 800], "max_size": 1333, "test_size": None}, "model": {}}
+    assert inf.inference_scale(run) == (800, 1333)
+    assert inf.inference_scale({**run, "data": {**run["data"], "test_size": 700}}) == (700, 1333)
+    assert inf.inference_scale(run, 512, 900) == (512, 900)
+    assert inf.inference_scale({"model": {"min_size": [64], "max_size": 96}}) == (64, 96)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        inf.inference_scale(run, 0)

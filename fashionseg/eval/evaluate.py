@@ -61,7 +61,7 @@ def _default_scale(net) -> tuple[int, int]:
     t = getattr(net, "transform", None)
     if getattr(t, "min_size", None) is None or getattr(t, "max_size", None) is None:
         raise ValueError("evaluate_model needs test_size and max_size: the run's data.test_size (or the largest "
-                         "data.min_size) and data.max_size (inference.test_scale(config) gives both)")
+                         "data.min_size) and data.max_size (inference.inference_scale(config) gives both)")
     return int(max(t.min_size)), int(t.max_size)
 
 
@@ -233,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
         accelerator, device = _accelerator(args.device)
         spec = parse_attribute_categories(args.attribute_categories)
         model, vocab, model_cfg, config = inf.load_for_inference(args.weights, device)
-        test_size, max_size = inf.test_scale(config, args.test_size, args.max_size)
+        test_size, max_size = inf.inference_scale(config, args.test_size, args.max_size)
         post = inf.apply_postprocess(model, model_cfg, args)
         mask_thresh = post["mask_thresh"]
         metrics = evaluate_model(model, args.shards, args.split, vocab, mask_thresh=mask_thresh,

@@ -2,7 +2,7 @@
 
 Images come from the data layer (`fashionseg.data.eval_source`): uint8 [3, h, w] at the test
 scale, resized by the very code training uses. The model is asked for its outputs on the grid
-results are scored on (`run_model(..., out_sizes)`): the original image for eval/predict by
+results are scored on (`forward_by_shape(net, images, out_sizes)`): the original image for eval/predict by
 default, the stored shard image with `--grid stored`. A model with contract 3
 (`model(images, output_sizes=...)`) pastes its 28x28 mask probabilities directly at that size;
 for an older model the probabilities come back on the input grid and `outputs_to_results`
@@ -56,7 +56,7 @@ def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu"):
     return load_for_inference(path, device)[:3]
 
 
-def test_scale(config: dict, test_size: int | None = None, max_size: int | None = None) -> tuple[int, int]:
+def inference_scale(config: dict, test_size: int | None = None, max_size: int | None = None) -> tuple[int, int]:
     """(shorter side, longer-side cap) of test images: the flags, else the run's `data.test_size`
     (None: the largest `data.min_size`) and `data.max_size`, else an older file's model keys."""
     data, model = config.get("data") or {}, config.get("model") or {}

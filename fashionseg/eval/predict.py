@@ -321,7 +321,7 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         model, vocab, model_cfg, config = inf.load_for_inference(args.weights, device)
-        test_size, max_size = inf.test_scale(config, args.test_size, args.max_size)
+        test_size, max_size = inf.inference_scale(config, args.test_size, args.max_size)
         items, total = collect_inputs(args.inputs, args.split, test_size=test_size, max_size=max_size)
         mask_thresh = inf.apply_postprocess(model, model_cfg, args)["mask_thresh"]
         summary = predict(model, vocab, items, total, out_dir, mask_thresh=mask_thresh, attr_thresh=args.attr_thresh,

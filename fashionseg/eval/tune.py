@@ -207,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
             if not isinstance(base, dict):
                 raise ValueError(f"{args.config}: not a YAML mapping")
         model, vocab, model_cfg, config = inf.load_for_inference(args.weights, device)
-        test_size, max_size = inf.test_scale(config, args.test_size, args.max_size)
+        test_size, max_size = inf.inference_scale(config, args.test_size, args.max_size)
         if base is None:
             base = dict(config)
         inf.check_same_vocab(vocab, Vocab.from_dict(read_manifest(args.shards)), str(args.shards))
