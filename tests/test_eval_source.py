@@ -20,6 +20,7 @@ from fashionseg.data.shards import reader
 from fashionseg.data.shards.build import BuildConfig, build
 from fashionseg.data.shards.manifest import ManifestError
 from fashionseg.data.shards.reader import iter_split, read_manifest
+from fashionseg.data.shards.verify import verify
 from fashionseg.data.transforms import SampleError, SampleTransform
 from fashionseg.data.vocab import Vocab
 
@@ -43,6 +44,7 @@ def small_shards(synth_src, tmp_path_factory):
     code, report = build(BuildConfig(src=str(synth_src), out=str(out), samples_per_shard=4, val_fraction=0.25, max_size=24,
                                      workers=1, progress=False, max_bad_fraction=1.0))
     assert code == 0, report.get("error")
+    assert all(not r.errors for r in verify(out))  # original-grid masks included
     return out
 
 

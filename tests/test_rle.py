@@ -34,7 +34,7 @@ def test_kaggle_to_coco_matches_pycocotools_bit_exactly(m):
     assert coco["counts"] == ref["counts"].decode("ascii")  # the same compressed string, not just the same mask
     np.testing.assert_array_equal(rle.decode_kaggle(encoded, h, w), m)
     np.testing.assert_array_equal(rle.decode_coco(coco), m)
-    assert rle.coco_to_kaggle(coco) == encoded
+    assert rle.encode_kaggle(rle.decode_coco(coco)) == encoded
     assert rle.encode_coco(m)["counts"] == coco["counts"]
 
 

@@ -1,4 +1,4 @@
-"""Every bad-input case of FORMATS.md section 1: reported with a reason, never a crash, never silent."""
+"""Every bad-input case of a Kaggle source (docs/formats.md, "Kaggle"): reported with a reason, never a crash, never silent."""
 from __future__ import annotations
 
 import csv

@@ -199,7 +199,7 @@ def test_cli_end_to_end(tmp_path):
 
 
 def test_mask_resize_equals_pil_nearest_on_odd_sizes():
-    from fashionseg.data.shards.build import _resize_mask
+    from fashionseg.data.shards.process import _resize_mask
 
     rng = np.random.default_rng(0)
     for (h, w), (nw, nh) in [((97, 61), (40, 25)), ((61, 97), (25, 40)), ((33, 33), (7, 7)), ((250, 131), (123, 64))]:

@@ -59,3 +59,13 @@ def test_inspect_tables_and_contact_sheet(synth_shards, tmp_path, capsys):
     im = Image.open(sheet)
     assert im.format == "PNG" and im.size == (4 * 256, 256)
     assert inspect_mod.run(Namespace(out=str(synth_shards), split="test", sheet=None, num=4, top=10)) == 2
+
+
+def test_verify_checks_original_grid_masks():
+    """The original-grid masks of a --max-size build: on the original grid, not empty."""
+    meta = {"orig_height": 4, "orig_width": 3,
+            "instances": [{"orig_segmentation": {"size": [4, 3], "counts": "057"}}],  # 5 pixels set: intact
+            "orig_only": [{"orig_segmentation": {"size": [4, 3], "counts": "<"}},  # 12 zeros: empty
+                          {"orig_segmentation": {"size": [3, 4], "counts": "<"}}]}
+    assert verify_mod._check_original_grid(meta) == ["orig_only 0: original-grid mask is empty",
+                                                     "orig_only 1: original-grid mask size [3, 4] != original 4x3"]

@@ -15,7 +15,7 @@ from PIL import Image
 
 from fashionseg.data import rle
 from fashionseg.data.transforms import (Geometry, SampleTransform, apply_jitter, aug_params, decode_counts, output_size,
-                                        rle_counts, transform_masks)
+                                        mask_runs, rle_counts)
 from fashionseg.data.vocab import Vocab
 
 
@@ -73,7 +73,8 @@ def test_rle_counts_large_runs():
 
 def _check(ms: list[np.ndarray], oh: int, ow: int, flip: bool) -> None:
     h, w = ms[0].shape
-    masks, boxes, kept = transform_masks([rle.encode_coco(m)["counts"] for m in ms], Geometry(h, w, oh, ow, flip))
+    runs, boxes, kept = mask_runs([rle.encode_coco(m)["counts"] for m in ms], Geometry(h, w, oh, ow, flip))
+    masks = runs.paint()
     refs = [reference(m, oh, ow, flip) for m in ms]
     assert kept.tolist() == [i for i, r in enumerate(refs) if r.any()], "exactly the vanished masks are dropped"
     assert masks.shape == (len(kept), oh, ow) and masks.dtype == torch.uint8

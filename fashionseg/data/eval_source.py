@@ -55,7 +55,8 @@ def _split(shard_dir: Path, split: str) -> dict:
 def iter_eval_samples(shard_dir: str | Path, split: str, *, rank: int = 0, world_size: int = 1, test_size: int,
                       max_size: int, max_images: int | None = None) -> Iterator[EvalSample]:
     """This rank's samples of the first `max_images` (None: all) of `split`, in split order,
-    resized so the shorter side is `test_size` and the longer at most `max_size`."""
+    resized so the shorter side is `test_size` and the longer at most `max_size` (the caller
+    resolves `data.test_size=None` to `max(data.min_size)`)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")
     shard_dir = Path(shard_dir)

@@ -132,7 +132,3 @@ def decode_coco(rle: dict) -> np.ndarray:
     elif isinstance(counts, str):
         rle = {"size": [h, w], "counts": counts.encode("ascii")}
     return mask_util.decode(rle)
-
-
-def coco_to_kaggle(rle: dict) -> str:
-    return encode_kaggle(decode_coco(rle))

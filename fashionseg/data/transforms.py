@@ -125,16 +125,10 @@ def _expand(lo: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return i, lo[i] + (np.arange(i.size) - np.repeat(np.cumsum(n) - n, n))
 
 
-def transform_masks(strings: Sequence[str | bytes], g: Geometry) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """COCO RLE strings of N masks on g's stored grid -> (masks uint8 [K, out_h, out_w] as a
-    column-major view, boxes int64 [K, 4] xyxy with exclusive max edges, kept: int64 [K] indices
-    of the masks that did not vanish), resized (nearest) and mirrored as g says."""
-    runs, boxes, kept = mask_runs(strings, g)
-    return runs.paint(), boxes, kept
-
-
 def mask_runs(strings: Sequence[str | bytes], g: Geometry) -> tuple["MaskRuns", np.ndarray, np.ndarray]:
-    """`transform_masks` up to the painting: the K output masks as runs (MaskRuns).
+    """COCO RLE strings of N masks on g's stored grid -> (the K masks that did not vanish, as runs
+    (MaskRuns) at g's output size, resized (nearest) and mirrored as g says; boxes int64 [K, 4]
+    xyxy with exclusive max edges; kept: int64 [K] indices of those masks).
 
     A 1-run inside one source column covers a row interval, which maps to one interval of output
     rows; a source column maps to a range of output columns. So the output is built as runs and

@@ -2,7 +2,7 @@
 
 One place for the facts every reader and writer of shards shares: the format tag and version,
 the split names, how shard files are named and how an ImageId becomes a tar-safe sample key.
-The schema itself is written out in docs/design.md ("Manifest").
+The schema itself is written out in docs/formats.md ("Manifest").
 """
 from __future__ import annotations
 

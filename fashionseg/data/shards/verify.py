@@ -2,7 +2,8 @@
 
 For every shard: size and sha256; every sample where the manifest says (key, byte offset, image
 size, categories); every image decodes as RGB JPEG of its stated size; every mask decodes on
-that grid with the stated area and bbox; counts per shard and split match. Reads with plain
+that grid with the stated area and bbox; original-grid masks sit on the original grid and are
+not empty; counts per shard and split match. Reads with plain
 `tarfile`, independent of the builder's writer.
 """
 from __future__ import annotations
@@ -69,7 +70,26 @@ def _check_sample(key: str, jpg: bytes, meta: dict, listed: dict) -> tuple[int, 
         bbox = [int(round(v)) for v in mask_util.toBbox(rle).tolist()]
         if bbox != inst.get("bbox"):
             errs.append(f"instance {j}: bbox {inst.get('bbox')} != mask bbox {bbox}")
+    errs += _check_original_grid(meta)
     return len(instances), errs
+
+
+def _check_original_grid(meta: dict) -> list[str]:
+    """Original-grid masks (--max-size builds): on the original grid and not empty. pycocotools'
+    area reads the RLE string without painting the mask, so this costs little."""
+    grid = [meta.get("orig_height"), meta.get("orig_width")]
+    segs = [(f"instance {j}", i["orig_segmentation"]) for j, i in enumerate(meta.get("instances") or []) if "orig_segmentation" in i]
+    segs += [(f"orig_only {j}", i.get("orig_segmentation") or {}) for j, i in enumerate(meta.get("orig_only") or [])]
+    errs = []
+    for where, seg in segs:
+        try:
+            if list(seg["size"]) != grid:
+                errs.append(f"{where}: original-grid mask size {seg['size']} != original {grid[0]}x{grid[1]}")
+            elif not mask_util.area({"size": seg["size"], "counts": seg["counts"].encode("ascii")}):
+                errs.append(f"{where}: original-grid mask is empty")
+        except Exception as e:
+            errs.append(f"{where}: original-grid mask does not decode ({type(e).__name__}: {e})")
+    return errs
 
 
 def verify_shard(shard_dir: Path, split: str, shard: dict) -> ShardResult:

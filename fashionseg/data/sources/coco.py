@@ -1,4 +1,4 @@
-"""Read Fashionpedia / COCO JSON (FORMATS.md section 2) into records.
+"""Read Fashionpedia / COCO JSON (docs/formats.md, "COCO") into records.
 
 SRC is the annotation JSON or a folder holding exactly one. Images are found by `file_name`
 beside the JSON, under `images/` next to it, or under `--images DIR`. The vocabulary is the
@@ -10,7 +10,7 @@ import json
 from pathlib import Path, PurePosixPath
 
 from fashionseg.data.sources.records import (
-    DROP_ATTRIBUTE, DROP_IMAGE, DROP_INSTANCE, RawImage, RawInstance, Source, SourceError, problem,
+    DROP_ATTRIBUTE, DROP_IMAGE, DROP_INSTANCE, RawImage, RawInstance, Source, Problem, SourceError,
 )
 from fashionseg.data.vocab import Vocab, VocabError
 
@@ -70,9 +70,14 @@ def _is_id(v) -> bool:
     return _is_int(v) or isinstance(v, str)
 
 
+def posix_name(file_name: str) -> str:
+    """Windows exporters write `train\\x.jpg`: the same relative path with `/`."""
+    return file_name.replace("\\", "/")
+
+
 def image_id_of(file_name: str) -> str:
     """`file_name` without its extension, subfolders kept: `a/x.jpg` and `b/x.jpg` stay apart."""
-    p = PurePosixPath(file_name.replace("\\", "/"))
+    p = PurePosixPath(posix_name(file_name))
     return str(p.with_suffix("")) if p.suffix else str(p)
 
 
@@ -95,21 +100,21 @@ def read(src: str | Path, images_dir: str | Path | None = None) -> Source:
         if not isinstance(d.get(key), list):
             raise SourceError(f"{json_path}: no '{key}' list: this is not a COCO instances file")
 
-    problems: list[dict] = []
+    problems: list[Problem] = []
     images: dict[int, RawImage] = {}
-    file_names = [str(im.get("file_name", "")) for im in d["images"] if isinstance(im, dict)]
+    file_names = [posix_name(str(im.get("file_name", ""))) for im in d["images"] if isinstance(im, dict)]
     root = _image_dir(json_path, file_names, images_dir)
     for i, im in enumerate(d["images"]):
         if not isinstance(im, dict) or not _is_id(im.get("id")) or not isinstance(im.get("file_name"), str) or not im["file_name"]:
-            problems.append({**problem(DROP_IMAGE, "image entry without an integer/string id or a file_name", None, f"images[{i}]"), "instances": 0})
+            problems.append(Problem(DROP_IMAGE, "image entry without an integer/string id or a file_name", None, f"images[{i}]", instances=0))
             continue
         if im["id"] in images:
-            problems.append({**problem(DROP_IMAGE, f"duplicate image id {im['id']!r} (the first entry is kept)", None, f"images[{i}]"), "instances": 0})
+            problems.append(Problem(DROP_IMAGE, f"duplicate image id {im['id']!r} (the first entry is kept)", None, f"images[{i}]", instances=0))
             continue
         h, w = im.get("height"), im.get("width")
         if not (isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0):
             h = w = None  # taken from the decoded image
-        images[im["id"]] = RawImage(image_id_of(str(im["file_name"])), str(root / str(im["file_name"])), h, w,
+        images[im["id"]] = RawImage(image_id_of(im["file_name"]), str(root / posix_name(im["file_name"])), h, w,
                                     image_id=im["id"] if _is_int(im["id"]) else 0)
     if not all(_is_int(k) for k in images):  # string ids (some exporters): 1..N in the file's order
         for n, img in enumerate(images.values()):
@@ -118,33 +123,33 @@ def read(src: str | Path, images_dir: str | Path | None = None) -> Source:
     for i, ann in enumerate(d["annotations"]):
         where = f"annotation id {ann.get('id', f'#{i}')}" if isinstance(ann, dict) else f"annotations[{i}]"
         if not isinstance(ann, dict):
-            problems.append(problem(DROP_INSTANCE, "annotation is not an object", None, where))
+            problems.append(Problem(DROP_INSTANCE, "annotation is not an object", None, where))
             continue
         img = images.get(ann.get("image_id")) if _is_id(ann.get("image_id")) else None
         if img is None:
-            problems.append(problem(DROP_INSTANCE, f"image_id {ann.get('image_id')!r} is not in 'images'", None, where))
+            problems.append(Problem(DROP_INSTANCE, f"image_id {ann.get('image_id')!r} is not in 'images'", None, where))
             continue
         cls = ann.get("category_id")
         if not _is_int(cls) or not vocab.has_category(cls):
-            problems.append(problem(DROP_INSTANCE, f"unknown category_id {cls!r}", img.source_id, where))
+            problems.append(Problem(DROP_INSTANCE, f"unknown category_id {cls!r}", img.source_id, where))
             continue
         seg = ann.get("segmentation")
         if not seg:
-            problems.append(problem(DROP_INSTANCE, "no segmentation", img.source_id, where))
+            problems.append(Problem(DROP_INSTANCE, "no segmentation", img.source_id, where))
             continue
         if ann.get("iscrowd") in (1, True):
             # a crowd region is not an instance: torchvision's references drop these for training
-            problems.append(problem(DROP_INSTANCE, "iscrowd annotation (a crowd region, not an instance)", img.source_id, where, bad=False))
+            problems.append(Problem(DROP_INSTANCE, "iscrowd annotation (a crowd region, not an instance)", img.source_id, where, bad=False))
             continue
         raw_attrs = ann.get("attribute_ids") or []
         if not isinstance(raw_attrs, list):
-            problems.append(problem(DROP_ATTRIBUTE, f"attribute_ids is {type(raw_attrs).__name__}, not a list (ignored, instance kept)",
+            problems.append(Problem(DROP_ATTRIBUTE, f"attribute_ids is {type(raw_attrs).__name__}, not a list (ignored, instance kept)",
                                     img.source_id, where, bad=False))
             raw_attrs = []
         attrs: list[int] = []
         for a in raw_attrs:
             if not _is_int(a) or not vocab.has_attribute(a):
-                problems.append(problem(DROP_ATTRIBUTE, f"unknown attribute id {a!r} (instance kept)", img.source_id, where, bad=False))
+                problems.append(Problem(DROP_ATTRIBUTE, f"unknown attribute id {a!r} (instance kept)", img.source_id, where, bad=False))
                 continue
             attrs.append(a)
         img.instances.append(RawInstance(where, cls, sorted(set(attrs)), img.height or 0, img.width or 0, segmentation=seg))

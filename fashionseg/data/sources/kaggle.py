@@ -1,6 +1,10 @@
-"""Read the Kaggle iMaterialist (Fashion) 2020 layout (FORMATS.md section 1) into records.
+"""Read the Kaggle iMaterialist layouts (docs/formats.md, "Kaggle") into records.
 
 SRC/train.csv (one row per instance), SRC/label_descriptions.json, SRC/train/<ImageId>.jpg.
+2020 (`kaggle`): columns ImageId,EncodedPixels,Height,Width,ClassId,AttributesIds.
+2019 (`kaggle2019`, iMaterialist FGVC6): no AttributesIds column; ClassId `6_28_77` is category 6
+with attributes 28 and 77; ImageIds may carry `.jpg`. Auto-detected: a CSV without an
+AttributesIds column is read with 2019 ClassIds.
 Row-level problems (bad numbers, unknown class or attribute ids, empty masks) are recorded
 here; image and RLE problems are found by the builder's workers when they decode.
 """
@@ -11,7 +15,7 @@ import os
 from pathlib import Path
 
 from fashionseg.data.sources.records import (
-    DROP_ATTRIBUTE, DROP_INSTANCE, RawImage, RawInstance, Source, SourceError, problem,
+    DROP_ATTRIBUTE, DROP_INSTANCE, RawImage, RawInstance, Source, Problem, SourceError,
 )
 from fashionseg.data.vocab import Vocab, VocabError
 
@@ -25,6 +29,8 @@ def looks_like(src: Path) -> bool:
 def _int(text: str) -> int | None:
     """An integer field; integral floats ("512.0", as pandas writes int columns with gaps) count."""
     t = str(text).strip()
+    if "_" in t:  # int() reads "6_28" as 628: a 2019 ClassId must never pass as a number
+        return None
     try:
         return int(t)
     except (TypeError, ValueError):
@@ -39,8 +45,9 @@ def _int(text: str) -> int | None:
 _EMPTY_ATTRS = {"", "nan", "none", "null", "[]"}  # how spreadsheet/pandas exports spell "no attributes"
 
 
-def read(src: str | Path, images_dir: str | Path | None = None) -> Source:
-    """SRC is the dataset folder (or its train.csv). Raises SourceError on fatal input."""
+def read(src: str | Path, images_dir: str | Path | None = None, layout: str | None = None) -> Source:
+    """SRC is the dataset folder (or its train.csv); layout "kaggle" (2020), "kaggle2019" or None
+    (from the header). Raises SourceError on fatal input."""
     src = Path(src)
     csv_path = src if src.is_file() else src / "train.csv"
     root = csv_path.parent
@@ -59,7 +66,7 @@ def read(src: str | Path, images_dir: str | Path | None = None) -> Source:
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         try:
-            source = _read_rows(reader, csv_path, vocab, image_dir)
+            source = _read_rows(reader, csv_path, vocab, image_dir, layout)
         except UnicodeDecodeError as e:
             raise SourceError(f"{csv_path}: not UTF-8 text (byte {e.object[e.start]:#04x}); "
                               "re-export it as UTF-8 CSV") from e
@@ -103,8 +110,8 @@ def _resolve_images(source: Source, image_dir: Path) -> None:
                           f"(e.g. {source.images[0].source_id}.jpg; nothing valid to build); pass the folder holding them with --images DIR")
 
 
-def _read_rows(reader: csv.DictReader, csv_path: Path, vocab: Vocab, image_dir: Path) -> Source:
-    problems: list[dict] = []
+def _read_rows(reader: csv.DictReader, csv_path: Path, vocab: Vocab, image_dir: Path, layout: str | None) -> Source:
+    problems: list[Problem] = []
     images: dict[str, RawImage] = {}
     named: set[str] = set()  # every ImageId of the CSV, for the integer ids
     num_rows = 0
@@ -115,46 +122,64 @@ def _read_rows(reader: csv.DictReader, csv_path: Path, vocab: Vocab, image_dir: 
         if col not in header:
             raise SourceError(f"{csv_path}: column '{col}' is missing (header is {','.join(header) or 'empty'}); "
                               f"train.csv needs {','.join(COLUMNS)}")
-    if "AttributesIds" not in header:  # e.g. a category-only export: train without attribute labels
-        problems.append(problem(DROP_ATTRIBUTE, "no AttributesIds column: every instance has no attributes", None,
-                                csv_path.name, bad=False))
+    has_attrs = "AttributesIds" in header
+    if layout == "kaggle2019" and has_attrs:
+        raise SourceError(f"{csv_path}: has an AttributesIds column, so it is the 2020 layout, not 2019; build with --format kaggle")
+    in_classid = not has_attrs and layout != "kaggle"  # 2019: attributes ride in ClassId
+    looks_2019 = layout == "kaggle2019"
     for row in reader:
         num_rows += 1
         where = f"{csv_path.name} line {reader.line_num}"
         image_id = (row.get("ImageId") or "").strip()
         if not image_id:
-            problems.append(problem(DROP_INSTANCE, "empty ImageId", None, where))
+            problems.append(Problem(DROP_INSTANCE, "empty ImageId", None, where))
             continue
         named.add(image_id)
-        h, w, cls = _int(row["Height"]), _int(row["Width"]), _int(row["ClassId"])
+        class_text = (row.get("ClassId") or "").strip()
+        cls_part, _, attr_part = class_text.partition("_")
+        looks_2019 = looks_2019 or bool(attr_part) or Path(image_id).suffix.lower() in IMAGE_SUFFIXES
+        h, w, cls = _int(row["Height"]), _int(row["Width"]), _int(cls_part)
         if h is None or w is None or h <= 0 or w <= 0:
-            problems.append(problem(DROP_INSTANCE, f"bad Height/Width {row['Height']!r}x{row['Width']!r}", image_id, where))
+            problems.append(Problem(DROP_INSTANCE, f"bad Height/Width {row['Height']!r}x{row['Width']!r}", image_id, where))
             continue
         img = images.get(image_id)
         if img is None:
             img = images[image_id] = RawImage(image_id, str(image_dir / f"{image_id}.jpg"), h, w)
+        if attr_part and not in_classid:
+            problems.append(Problem(DROP_INSTANCE, f"ClassId {class_text!r} carries attribute ids (the Kaggle 2019 layout); "
+                                                   "build with --format kaggle2019 (or auto)", image_id, where))
+            continue
         if cls is None or not vocab.has_category(cls):
-            problems.append(problem(DROP_INSTANCE, f"unknown ClassId {row['ClassId']!r}", image_id, where))
+            problems.append(Problem(DROP_INSTANCE, f"unknown ClassId {row['ClassId']!r}", image_id, where))
             continue
         encoded = (row.get("EncodedPixels") or "").strip()
         if not encoded:
-            problems.append(problem(DROP_INSTANCE, "empty EncodedPixels", image_id, where))
+            problems.append(Problem(DROP_INSTANCE, "empty EncodedPixels", image_id, where))
             continue
+        if in_classid:
+            tokens = attr_part.split("_") if attr_part else []
+        else:
+            attr_text = "".join((row.get("AttributesIds") or "").split())
+            tokens = [] if attr_text.lower() in _EMPTY_ATTRS else attr_text.strip("[]").split(",")
         attrs: list[int] = []
-        attr_text = "".join((row.get("AttributesIds") or "").split())
-        if attr_text.lower() in _EMPTY_ATTRS:
-            attr_text = ""
-        for tok in attr_text.strip("[]").split(","):
+        for tok in tokens:
             if not tok:
+                if in_classid:  # "6__28" or "6_": an empty field between underscores
+                    problems.append(Problem(DROP_ATTRIBUTE, f"empty attribute id in ClassId {class_text!r} (instance kept)",
+                                            image_id, where, bad=False))
                 continue
             a = _int(tok)
             if a is None or not vocab.has_attribute(a):
-                problems.append(problem(DROP_ATTRIBUTE, f"unknown attribute id {tok!r} (instance kept)", image_id, where, bad=False))
+                problems.append(Problem(DROP_ATTRIBUTE, f"unknown attribute id {tok!r} (instance kept)", image_id, where, bad=False))
                 continue
             attrs.append(a)
         img.instances.append(RawInstance(where, cls, sorted(set(attrs)), h, w, kaggle_rle=encoded))
     assign_ids(images.values(), named)
-    return Source("kaggle", csv_path, vocab, list(images.values()), problems, num_rows)
+    fmt = "kaggle2019" if in_classid and looks_2019 else "kaggle"
+    if not has_attrs and fmt == "kaggle":  # e.g. a category-only export: train without attribute labels
+        problems.insert(0, Problem(DROP_ATTRIBUTE, "no AttributesIds column: every instance has no attributes", None,
+                                   csv_path.name, bad=False))
+    return Source(fmt, csv_path, vocab, list(images.values()), problems, num_rows)
 
 
 def assign_ids(images, names: set[str]) -> None:

@@ -6,7 +6,7 @@ same way so report.json lists every skipped or repaired row with its reason.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,20 +46,33 @@ class RawImage:
 
 @dataclass
 class Source:
-    format: str  # "kaggle" | "coco"
+    format: str  # "kaggle" | "kaggle2019" | "coco"
     path: Path  # the CSV or JSON read
     vocab: Vocab
     images: list[RawImage]
-    problems: list[dict]  # found while reading (unknown ids, malformed rows)
+    problems: list[Problem]  # found while reading (unknown ids, malformed rows)
     num_rows: int  # source instances (CSV rows / annotations), for the bad fraction
 
 
-def problem(action: str, reason: str, image_id: str | None = None, where: str | None = None, bad: bool = True) -> dict:
-    """One report entry. `bad` problems count towards --max-bad-fraction; repairs do not."""
-    p = {"action": action, "reason": reason}
-    if image_id is not None:
-        p["image_id"] = image_id
-    if where is not None:
-        p["where"] = where
-    p["bad"] = bad
-    return p
+@dataclass(frozen=True)
+class Problem:
+    """One report entry: a source row, annotation or image skipped or repaired, and why.
+    `bad` problems count towards --max-bad-fraction; repairs and deliberate skips do not."""
+
+    action: str  # DROP_IMAGE / DROP_INSTANCE / DROP_ATTRIBUTE / REPAIRED
+    reason: str
+    image_id: str | None = None  # the source's name for the image (source_id), when known
+    where: str | None = None  # "train.csv line 17", "annotation id 5", an image path
+    bad: bool = True
+    instances: int = -1  # source instances this entry lost; -1: 1 for a dropped instance, else 0
+
+    def __post_init__(self) -> None:
+        if self.instances < 0:
+            object.__setattr__(self, "instances", 1 if self.action == DROP_INSTANCE else 0)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Problem":
+        return cls(**d)
