@@ -22,6 +22,7 @@ FASHIONSEG_COMMANDS = {
     "train": ("fashionseg.train.entry", "train Mask R-CNN + attribute head (also under accelerate launch)"),
     "eval": ("fashionseg.eval.evaluate", "COCO mAP and AP^{IoU+F1} of a weights file on a split"),
     "predict": ("fashionseg.eval.predict", "predictions.json, submission.csv and overlays for images"),
+    "score": ("fashionseg.eval.score", "score any COCO results file against a COCO/Fashionpedia annotation file"),
     "tune-thresholds": ("fashionseg.eval.tune", "search post-processing thresholds on val"),
     "report": ("fashionseg.train.report", "PNG of loss terms, lr and AP of a run directory"),
     "average": ("fashionseg.train.average", "average the weights of the last K checkpoints"),

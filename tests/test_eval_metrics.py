@@ -3,6 +3,7 @@ and a case small enough to compute AP by hand matches pycocotools' number."""
 from __future__ import annotations
 
 import numpy as np
+from pycocotools import mask as mask_util
 import pytest
 
 from fashionseg.data.rle import encode_coco
@@ -10,7 +11,7 @@ from fashionseg.data.vocab import Vocab
 from fashionseg.eval import coco as coco_lib
 
 VOCAB = Vocab(
-    categories=[{"id": 0, "name": "shirt"}, {"id": 3, "name": "pants"}, {"id": 7, "name": "sleeve"}],
+    categories=[{"id": 0, "name": "shirt"}, {"id": 3, "name": "pants"}, {"id": 23, "name": "shoe"}],
     attributes=[{"id": 2, "name": "a2"}, {"id": 5, "name": "a5"}, {"id": 40, "name": "a40"}, {"id": 99, "name": "a99"}],
 )
 
@@ -30,40 +31,60 @@ def instance(cat, mask, attrs=()):
 
 
 def sample(key, h, w, instances):
-    return key, {"image_id": key, "height": h, "width": w, "orig_height": h, "orig_width": w, "instances": instances}
+    return key, {"height": h, "width": w, "instances": instances}
+
+
+def coco_gt(samples, vocab: Vocab = VOCAB) -> dict:
+    """(key, {"height", "width", "instances"}) pairs -> a COCO ground-truth dict, image ids 0, 1, ..."""
+    images, anns = [], []
+    for index, (key, meta) in enumerate(samples):
+        images.append({"id": index, "file_name": key, "height": meta["height"], "width": meta["width"]})
+        for inst in meta["instances"]:
+            anns.append({"id": len(anns) + 1, "image_id": index, "category_id": inst["category_id"],
+                         "attribute_ids": list(inst["attribute_ids"]), "segmentation": inst["segmentation"],
+                         "area": float(inst["area"]), "bbox": [float(v) for v in inst["bbox"]], "iscrowd": 0})
+    return {"images": images, "annotations": anns, "categories": [dict(c) for c in vocab.categories],
+            "attributes": [dict(a) for a in vocab.attributes]}
+
+
+def oracle_results(gt: dict, score: float = 1.0) -> list[dict]:
+    """Ground truth turned into detections (each annotation with `score`): AP = 1."""
+    return [{"image_id": a["image_id"], "category_id": a["category_id"], "score": score, "bbox": list(a["bbox"]),
+             "segmentation": dict(a["segmentation"]), "attribute_ids": list(a["attribute_ids"])}
+            for a in gt["annotations"]]
 
 
 def make_gt():
     samples = [
         sample("a", 40, 50, [instance(0, rect_mask(40, 50, 2, 2, 20, 30), [2, 5]),
                              instance(3, rect_mask(40, 50, 25, 5, 48, 38), [40]),
-                             instance(7, rect_mask(40, 50, 2, 31, 12, 39))]),
+                             instance(23, rect_mask(40, 50, 2, 31, 12, 39))]),
         sample("b", 30, 30, [instance(0, rect_mask(30, 30, 0, 0, 15, 15), [5]),
                              instance(0, rect_mask(30, 30, 16, 16, 30, 30), [])]),
         sample("c", 32, 24, []),
     ]
-    return coco_lib.gt_from_samples(samples, VOCAB)
+    return coco_gt(samples, VOCAB)
 
 
 def test_ground_truth_as_predictions_scores_one():
     gt = make_gt()
     coco_gt = coco_lib.coco_from_dict(gt)
-    results = coco_lib.results_from_gt(gt)
+    results = oracle_results(gt)
     for iou_type in ("bbox", "segm"):
         m = coco_lib.coco_evaluate(coco_gt, results, iou_type)
         assert m["AP"] == pytest.approx(1.0) and m["AP50"] == pytest.approx(1.0) and m["AP75"] == pytest.approx(1.0)
         assert all(v["AP"] == pytest.approx(1.0) for v in m["per_category"].values())
-        assert set(m["per_category"]) == {"0", "3", "7"}
+        assert set(m["per_category"]) == {"0", "3", "23"}
 
 
 def test_perturbed_predictions_score_lower():
     gt = make_gt()
     coco_gt = coco_lib.coco_from_dict(gt)
-    results = coco_lib.results_from_gt(gt)
+    results = oracle_results(gt)
     # shift one mask and its box by 6 px: IoU drops below the upper thresholds
     r = results[1]
     h, w = r["segmentation"]["size"]
-    shifted = np.roll(coco_lib.mask_util.decode({"size": [h, w], "counts": r["segmentation"]["counts"].encode()}), 6, axis=1)
+    shifted = np.roll(mask_util.decode({"size": [h, w], "counts": r["segmentation"]["counts"].encode()}), 6, axis=1)
     r["segmentation"] = encode_coco(shifted)
     r["bbox"] = [r["bbox"][0] + 6, r["bbox"][1], r["bbox"][2], r["bbox"][3]]
     # a confident false positive in image c
@@ -72,7 +93,7 @@ def test_perturbed_predictions_score_lower():
     for iou_type in ("bbox", "segm"):
         m = coco_lib.coco_evaluate(coco_gt, results, iou_type)
         assert m["AP"] < 0.95
-        assert m["per_category"]["3"]["AP"] < 1.0 and m["per_category"]["7"]["AP"] == pytest.approx(1.0)
+        assert m["per_category"]["3"]["AP"] < 1.0 and m["per_category"]["23"]["AP"] == pytest.approx(1.0)
 
 
 def hand_case():
@@ -83,7 +104,7 @@ def hand_case():
     threshold (IoUs are exactly 1 or 0): AP = (51 + 50 * 2/3) / 101."""
     h, w = 40, 40
     g1, g2 = rect_mask(h, w, 0, 0, 10, 10), rect_mask(h, w, 20, 20, 30, 30)
-    gt = coco_lib.gt_from_samples([sample("x", h, w, [instance(0, g1, [2]), instance(0, g2, [2, 5])])], VOCAB)
+    gt = coco_gt([sample("x", h, w, [instance(0, g1, [2]), instance(0, g2, [2, 5])])], VOCAB)
     far = rect_mask(h, w, 12, 0, 18, 6)
     dets = [(0.9, g1, [2]), (0.8, far, [2]), (0.7, g2, [2, 5])]
     results = [{"image_id": 0, "category_id": 0, "score": s, "segmentation": encode_coco(m),
@@ -114,16 +135,33 @@ def test_no_detections_and_bad_ids():
         coco_lib.coco_evaluate(coco_gt, [{"image_id": 17, "category_id": 0, "score": 1, "bbox": [0, 0, 1, 1]}], "bbox")
 
 
-def test_gt_rejects_bad_samples():
-    with pytest.raises(coco_lib.EvalDataError, match="sample 'z' instance 0: category_id 12"):
-        coco_lib.gt_from_samples([sample("z", 10, 10, [instance(12, rect_mask(10, 10, 0, 0, 3, 3))])], VOCAB)
-    bad = instance(0, rect_mask(10, 10, 0, 0, 3, 3))
-    with pytest.raises(coco_lib.EvalDataError, match="mask size"):
-        coco_lib.gt_from_samples([sample("z", 10, 12, [bad])], VOCAB)
+def test_results_are_read_as_the_official_load_res_reads_them():
+    """A segm file with boxes takes its areas from the boxes (pycocotools' and Fashionpedia's
+    loadRes do): a detection whose box is large moves out of the small range; without boxes
+    (eval's and predict's segm results) the mask decides, as for ground truth."""
+    gt, results = hand_case()
+    coco_gt_ = coco_lib.coco_from_dict(gt)
+    masks_only = coco_lib.segm_results(results)
+    assert coco_lib.load_results(coco_gt_, masks_only, "segm").loadAnns(1)[0]["area"] == 100
+    boxed = [{**r, "bbox": [0, 0, 40, 40]} for r in results]
+    assert coco_lib.load_results(coco_gt_, boxed, "segm").loadAnns(1)[0]["area"] == 1600
+
+
+def test_bad_results_are_named():
+    gt, results = hand_case()
+    coco_gt_ = coco_lib.coco_from_dict(gt)
+    cases = [({**results[1], "category_id": 12}, "detection #1: category_id 12"),
+             ({**results[1], "score": "high"}, "detection #1: 'score' must be a number"),
+             ({**results[1], "segmentation": {"size": [10, 10], "counts": "0"}}, r"detection #1: mask size \[10, 10\]"),
+             ({k: v for k, v in results[1].items() if k != "bbox"}, "detection #1: no 'bbox' where detection #0 has one")]
+    for bad, message in cases:
+        with pytest.raises(coco_lib.EvalDataError, match=message):
+            coco_lib.load_results(coco_gt_, [results[0], bad, results[2]], "segm")
 
 
 def test_segm_ignores_boxes_of_results():
-    """A result with a wrong box but a right mask is perfect in segm and wrong in bbox."""
+    """A result with a wrong box but a right mask is perfect in segm (IoU of masks; the box only
+    gives the area, as the official loadRes does) and wrong in bbox."""
     gt, results = hand_case()
     results = [r for r in results if r["score"] != 0.8]
     for r in results:
@@ -144,7 +182,7 @@ def test_threshold_search_finds_the_right_postprocessing():
 
     h, w = 40, 40
     g1, g2 = rect_mask(h, w, 5, 5, 15, 15), rect_mask(h, w, 22, 20, 32, 30)
-    gt = coco_lib.gt_from_samples([sample("x", h, w, [instance(0, g1, [2]), instance(3, g2, [40])])], VOCAB)
+    gt = coco_gt([sample("x", h, w, [instance(0, g1, [2]), instance(3, g2, [40])])], VOCAB)
 
     def probs(x0, y0, x1, y1):
         p = torch.zeros(h, w)
@@ -165,7 +203,7 @@ def test_threshold_search_finds_the_right_postprocessing():
     assert (best["score_thresh"], best["nms_thresh"], best["mask_thresh"], best["value"]) == (0.05, 0.5, 0.5, pytest.approx(1.0))
     assert all(t["value"] < 1.0 for t in trials[1:])
     # the cached crops cut at 0.5 give back exactly the object masks
-    assert np.array_equal(coco_lib.mask_util.decode({"size": [h, w], "counts": cache[0].rle(2, 0.5)["counts"].encode()}), g2)
+    assert np.array_equal(mask_util.decode({"size": [h, w], "counts": cache[0].rle(2, 0.5)["counts"].encode()}), g2)
     # and AP^{IoU+F1} is searchable the same way (attributes: a2 for the shirt, a40 for the pants)
     fp = search(gt, cache, VOCAB, metric="iou_f1", scores=(0.05,), nms_values=(0.5,), mask_values=(0.5,), max_dets=100,
                 progress=False)
@@ -173,15 +211,16 @@ def test_threshold_search_finds_the_right_postprocessing():
 
 
 def test_shard_ground_truth_fed_back_scores_one(synth_shards):
-    """GT read from real shards (FORMATS.md section 3) as predictions: 1.0 for bbox, segm and
+    """GT read from real shards (eval_source.ground_truth) as predictions: 1.0 for bbox, segm and
     AP^{IoU+F1}; dropping every attribute keeps COCO AP at 1.0 but not AP^{IoU+F1}."""
-    from fashionseg.eval.evaluate import score_results
+    from fashionseg.data.eval_source import ground_truth
+    from fashionseg.eval.score import score_results
 
-    gt = coco_lib.gt_from_shards(synth_shards, "val")
+    gt = ground_truth(synth_shards, "val")
     assert len(gt["images"]) == 6 and gt["annotations"]
-    m = score_results(gt, coco_lib.results_from_gt(gt))
+    m = score_results(gt, oracle_results(gt))
     assert (m["bbox"]["AP"], m["segm"]["AP"], m["iou_f1"]["AP"]) == (pytest.approx(1.0),) * 3
-    stripped = [{**r, "attribute_ids": []} for r in coco_lib.results_from_gt(gt)]
+    stripped = [{**r, "attribute_ids": []} for r in oracle_results(gt)]
     m = score_results(gt, stripped)
     assert m["segm"]["AP"] == pytest.approx(1.0)
     assert m["iou_f1"]["AP"] < 1.0

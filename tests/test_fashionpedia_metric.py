@@ -1,9 +1,7 @@
 """AP^{IoU+F1}: the oracle scores 1, attribute or mask errors score lower, hand-computed cases
-match, the vectorised matcher equals fp_eval's literal loops, F1 equals sklearn's definition."""
+match, F1 equals sklearn's definition, the category set is the official one whatever the
+vocabulary. (Figure-for-figure equality with the official evaluator: test_score_official.py.)"""
 from __future__ import annotations
-
-import contextlib
-import io
 
 import numpy as np
 import pytest
@@ -12,9 +10,10 @@ from hypothesis import strategies as st
 
 from fashionseg.data.rle import encode_coco
 from fashionseg.eval import coco as coco_lib
-from fashionseg.eval.fashionpedia import FashionpediaEval, FashionpediaParams, f1_matrix, fashionpedia_evaluate
+from fashionseg.eval.fashionpedia import (OFFICIAL_CATS_WITH_ATTRIBUTES, f1_matrix, fashionpedia_evaluate,
+                                          parse_attribute_categories)
 
-from test_eval_metrics import HAND_AP, VOCAB, hand_case, instance, make_gt, rect_mask, sample
+from test_eval_metrics import HAND_AP, coco_gt, hand_case, instance, make_gt, oracle_results, rect_mask, sample
 
 
 def sklearn_macro_f1(true: np.ndarray, pred: np.ndarray) -> float:
@@ -49,31 +48,57 @@ def test_f1_by_hand():
     assert f1_matrix([[0]], [[0, 1]], 4)[0, 0] == pytest.approx(22 / 30)
     assert f1_matrix([[]], [[]], 4)[0, 0] == 1.0
     assert f1_matrix([[]], [[3]], 294)[0, 0] < 0.5  # predicting nothing never passes
-    assert f1_matrix([[0]], [[0, 1]], 4, "binary")[0, 0] == pytest.approx(2 / 3)
 
 
 def test_ground_truth_as_predictions_scores_one():
     gt = make_gt()
-    m = fashionpedia_evaluate(coco_lib.coco_from_dict(gt), coco_lib.results_from_gt(gt))
-    assert m["AP"] == pytest.approx(1.0)
-    assert m["AP_IOU75_F175"] == pytest.approx(1.0)
-    assert m["cats_with_attributes"] == [0, 3]
-    assert all(v["AP"] == pytest.approx(1.0) for v in m["per_category"].values() if v["AP"] is not None)
+    m = fashionpedia_evaluate(coco_lib.coco_from_dict(gt), oracle_results(gt))
+    for table in ("iou_f1", "iou_only", "f1_only"):
+        assert m[table]["AP"] == pytest.approx(1.0) and m[table]["AR@100"] == pytest.approx(1.0)
+    assert m["iou_f1"]["AP_IOU75_F175"] == pytest.approx(1.0)
+    assert m["attribute_categories"] == {"set": "official", "ids": sorted(OFFICIAL_CATS_WITH_ATTRIBUTES)}
+    assert m["supercategories"]["outerwear"]["iou_f1"]["AP"] == pytest.approx(1.0)  # ids 0, 3
+    assert m["iou_f1"]["APo"] == pytest.approx(1.0) and m["iou_only"]["APa"] == pytest.approx(1.0)  # id 23: shoe
+    assert "APa" not in m["iou_f1"] and m["supercategories"]["part"]["iou_only"] is None  # no part in VOCAB
+    per = m["per_category"]
+    assert set(per["0"]) == {"iou_f1", "f1_only", "iou_only"} and set(per["23"]) == {"iou_only"}
+    assert all(t["AP"] == pytest.approx(1.0) for v in per.values() for t in v.values() if t["AP"] is not None)
+
+
+def test_the_category_set_is_the_official_one_whatever_the_vocabulary():
+    """The set was derived from the evaluated ground truth unless the vocabulary was exactly
+    46/294, so it changed with the vocabulary and with --max-images; now it is fp_eval's list
+    unless asked otherwise, and the output names the set used."""
+    gt = make_gt()
+    coco = coco_lib.coco_from_dict(gt)
+    results = oracle_results(gt)
+    results[2]["attribute_ids"] = [99]  # id 23 (not an official attribute category) with a wrong attribute
+    assert fashionpedia_evaluate(coco, results)["iou_f1"]["AP"] == pytest.approx(1.0)
+    m = fashionpedia_evaluate(coco, results, attribute_categories=frozenset({0, 3, 23}))
+    assert m["iou_f1"]["AP"] < 1.0 and m["attribute_categories"] == {"set": "custom", "ids": [0, 3, 23]}
+    data = fashionpedia_evaluate(coco, results, attribute_categories="data")  # categories with labelled GT
+    assert data["attribute_categories"] == {"set": "data", "ids": [0, 3]}
+    assert parse_attribute_categories("official") == "official" and parse_attribute_categories(" 3,7 ") == {3, 7}
+    with pytest.raises(ValueError, match="--attribute-categories"):
+        parse_attribute_categories("shirts")
+    with pytest.raises(coco_lib.EvalDataError, match=r"category id\(s\) \[12\]"):
+        fashionpedia_evaluate(coco, results, attribute_categories=frozenset({0, 12}))
 
 
 def test_wrong_attributes_score_lower_but_masks_do_not_care():
     gt = make_gt()
-    coco_gt = coco_lib.coco_from_dict(gt)
-    results = coco_lib.results_from_gt(gt)
+    coco = coco_lib.coco_from_dict(gt)
+    results = oracle_results(gt)
     results[0]["attribute_ids"] = [99]  # shirt in image a: F1 against {2, 5} is far below 0.5
-    m = fashionpedia_evaluate(coco_gt, results)
-    assert m["AP"] < 1.0
-    assert m["per_category"]["0"]["AP"] < 1.0 and m["per_category"]["3"]["AP"] == pytest.approx(1.0)
-    assert coco_lib.coco_evaluate(coco_gt, results, "segm")["AP"] == pytest.approx(1.0)
+    m = fashionpedia_evaluate(coco, results)
+    assert m["iou_f1"]["AP"] < 1.0 and m["f1_only"]["AP"] < 1.0
+    assert m["iou_only"]["AP"] == pytest.approx(1.0)
+    assert m["per_category"]["0"]["iou_f1"]["AP"] < 1.0 and m["per_category"]["3"]["iou_f1"]["AP"] == pytest.approx(1.0)
+    assert coco_lib.coco_evaluate(coco, results, "segm")["AP"] == pytest.approx(1.0)
     # attributes on a category without attributes are not scored
-    results = coco_lib.results_from_gt(gt)
+    results = oracle_results(gt)
     results[2]["attribute_ids"] = [99, 40]
-    assert fashionpedia_evaluate(coco_gt, results)["AP"] == pytest.approx(1.0)
+    assert fashionpedia_evaluate(coco, results)["iou_f1"]["AP"] == pytest.approx(1.0)
 
 
 def test_hand_computed_iou_f1():
@@ -82,16 +107,17 @@ def test_hand_computed_iou_f1():
     above: there the ranking is hit, miss, miss: precision 1 up to recall 0.5, 0 after: 51/101."""
     gt, results = hand_case()
     results[2]["attribute_ids"] = [2]
-    coco_gt = coco_lib.coco_from_dict(gt)
-    m = fashionpedia_evaluate(coco_gt, results)
+    coco = coco_lib.coco_from_dict(gt)
+    m = fashionpedia_evaluate(coco, results)["iou_f1"]
     assert m["AP"] == pytest.approx((HAND_AP + 51 / 101) / 2, abs=1e-12)
     assert m["AP_F150"] == pytest.approx(HAND_AP, abs=1e-12)
     assert m["AP_F175"] == pytest.approx(51 / 101, abs=1e-12)
     assert m["AP_IOU75_F150"] == pytest.approx(HAND_AP, abs=1e-12)
+    assert m["AR@100"] == pytest.approx((1.0 + 0.5) / 2, abs=1e-12)  # recall 1 for 5 F1 thresholds, 1/2 for 5
     # with the attributes right it is plain COCO AP, equal to pycocotools' own
     gt, results = hand_case()
-    assert fashionpedia_evaluate(coco_gt, results)["AP"] == pytest.approx(
-        coco_lib.coco_evaluate(coco_gt, results, "segm")["AP"], abs=1e-12)
+    assert fashionpedia_evaluate(coco, results)["iou_f1"]["AP"] == pytest.approx(
+        coco_lib.coco_evaluate(coco, results, "segm")["AP"], abs=1e-12)
 
 
 def test_plain_category_weighs_one_f1_slice():
@@ -103,100 +129,14 @@ def test_plain_category_weighs_one_f1_slice():
     extra = rect_mask(h, w, 32, 0, 40, 8)
     samples = [sample("x", h, w, [instance(0, rect_mask(h, w, 0, 0, 10, 10), [2]),
                                   instance(0, rect_mask(h, w, 20, 20, 30, 30), [2, 5]),
-                                  instance(7, extra)])]
-    gt = coco_lib.gt_from_samples(samples, VOCAB)
-    results.append({"image_id": 0, "category_id": 7, "score": 0.5, "segmentation": encode_coco(extra), "attribute_ids": []})
+                                  instance(23, extra)])]
+    gt = coco_gt(samples)
+    results.append({"image_id": 0, "category_id": 23, "score": 0.5, "segmentation": encode_coco(extra),
+                    "bbox": instance(23, extra)["bbox"], "attribute_ids": []})
     m = fashionpedia_evaluate(coco_lib.coco_from_dict(gt), results)
     attr_ap = (HAND_AP + 51 / 101) / 2
-    assert m["AP"] == pytest.approx((10 * attr_ap + 1.0) / 11, abs=1e-12)
-    assert m["per_category"]["7"] == {"AP": pytest.approx(1.0), "AP_IOU50_F150": pytest.approx(1.0), "has_attributes": False}
-
-
-class LoopEval(FashionpediaEval):
-    """fp_eval.py's evaluateImg for attribute categories, as literal nested loops (the reference)."""
-
-    def evaluateImg(self, imgId, catId, aRng, maxDet):  # noqa: N802,N803
-        if catId not in self.cats_with_attributes:
-            return super().evaluateImg(imgId, catId, aRng, maxDet)
-        p = self.params
-        gt, dt = self._gts[imgId, catId], self._dts[imgId, catId]
-        if not gt and not dt:
-            return None
-        for g in gt:
-            g["_ignore"] = int(g["ignore"] or g["area"] < aRng[0] or g["area"] > aRng[1])
-        gtind = np.argsort([g["_ignore"] for g in gt], kind="mergesort")
-        dt = [dt[i] for i in np.argsort([-d["score"] for d in dt], kind="mergesort")][:maxDet]
-        f1s = f1_matrix([[self.attr_index[a] for a in d["attribute_ids"]] for d in dt],
-                        [[self.attr_index[a] for a in g["attribute_ids"]] for g in gt], len(self.attr_index))
-        gt = [gt[i] for i in gtind]
-        ious = self.ious[imgId, catId]
-        ious = ious[:, gtind] if len(ious) else ious
-        f1s = f1s[:, gtind] if f1s.size else f1s
-        T, F, G, D = len(p.iouThrs), len(self.fp.f1_thrs), len(gt), len(dt)
-        gtm, dtm, dt_ig = np.zeros((T, F, G)), np.zeros((T, F, D)), np.zeros((T, F, D))
-        gt_ig = np.array([g["_ignore"] for g in gt])
-        for ti, t in enumerate(p.iouThrs):
-            if len(ious) == 0:
-                break
-            for fi, f in enumerate(self.fp.f1_thrs):
-                for di, d in enumerate(dt):
-                    iou, f1, m = min(t, 1 - 1e-10), min(f, 1 - 1e-10), -1
-                    for gi in range(G):
-                        if gtm[ti, fi, gi] > 0:
-                            continue
-                        if m > -1 and gt_ig[m] == 0 and gt_ig[gi] == 1:
-                            break
-                        if ious[di, gi] < iou or f1s[di, gi] < f1:
-                            continue
-                        iou, f1, m = ious[di, gi], f1s[di, gi], gi
-                    if m == -1:
-                        continue
-                    dt_ig[ti, fi, di] = gt_ig[m]
-                    dtm[ti, fi, di] = gt[m]["id"]
-                    gtm[ti, fi, m] = d["id"]
-        a = np.array([d["area"] < aRng[0] or d["area"] > aRng[1] for d in dt]).reshape(1, 1, D)
-        dt_ig = np.logical_or(dt_ig, np.logical_and(dtm == 0, a))
-        return {"image_id": imgId, "category_id": catId, "aRng": aRng, "maxDet": maxDet,
-                "dtIds": [d["id"] for d in dt], "gtIds": [g["id"] for g in gt],
-                "dtMatches": dtm.reshape(T * F, D), "gtMatches": gtm.reshape(T * F, G),
-                "dtScores": [d["score"] for d in dt], "gtIgnore": gt_ig, "dtIgnore": dt_ig.reshape(T * F, D)}
-
-
-@settings(max_examples=25, deadline=None)
-@given(st.data())
-def test_vectorised_matching_equals_reference_loops(data):
-    rng = np.random.default_rng(data.draw(st.integers(0, 2**31)))
-    h = w = 24
-    attrs = [a["id"] for a in VOCAB.attributes]
-
-    def rand_inst(cat):
-        x0, y0 = rng.integers(0, 16, 2)
-        m = rect_mask(h, w, x0, y0, x0 + rng.integers(1, 9), y0 + rng.integers(1, 9))
-        return instance(cat, m, sorted(rng.choice(attrs, rng.integers(0, 4), replace=False).tolist()))
-
-    samples = [sample(f"s{i}", h, w, [rand_inst(int(rng.choice([0, 3]))) for _ in range(rng.integers(0, 4))])
-               for i in range(3)]
-    gt = coco_lib.gt_from_samples(samples, VOCAB)
-    if not gt["annotations"]:
-        return
-    results = []
-    for i in range(3):
-        for _ in range(rng.integers(0, 6)):
-            inst = rand_inst(int(rng.choice([0, 3])))
-            results.append({"image_id": i, "category_id": inst["category_id"], "score": float(rng.choice([0.3, 0.5, 0.9])),
-                            "segmentation": inst["segmentation"], "attribute_ids": inst["attribute_ids"]})
-    if not results:
-        return
-    coco_gt = coco_lib.coco_from_dict(gt)
-    precisions = []
-    for cls in (FashionpediaEval, LoopEval):
-        ev = cls(coco_gt, coco_lib.load_results(coco_gt, results, "segm"), "segm",
-                 FashionpediaParams(cats_with_attributes=frozenset({0, 3})))
-        with contextlib.redirect_stdout(io.StringIO()):
-            ev.evaluate()
-            ev.accumulate()
-        precisions.append(ev.eval["precision"])
-    np.testing.assert_array_equal(precisions[0], precisions[1])
+    assert m["iou_f1"]["AP"] == pytest.approx((10 * attr_ap + 1.0) / 11, abs=1e-12)
+    assert m["per_category"]["23"]["iou_only"]["AP"] == pytest.approx(1.0) and "iou_f1" not in m["per_category"]["23"]
 
 
 def test_missing_attribute_ids_is_a_clear_error():

@@ -17,7 +17,7 @@ from PIL import Image
 
 from fashionseg.cli import main as fashionseg_main
 from fashionseg.data.rle import decode_coco
-from fashionseg.data.shards.reader import iter_split, read_manifest
+from fashionseg.data.shards.reader import read_manifest
 from fashionseg.data.vocab import Vocab
 from fashionseg.eval import inference as inf
 from fashionseg.eval.predict import merge_passes, tta_outputs
@@ -75,36 +75,60 @@ def by_image(preds: list[dict]) -> dict[str, list[dict]]:
 
 
 # -- predict ------------------------------------------------------------------------------------
+def _model_on(model, img: torch.Tensor, size: tuple[int, int]) -> dict:
+    """The model's own output for a test image, masks on the original grid `size` (the reference
+    for predict): pasted there by the model (output_sizes), or, for an older model that resizes
+    itself, on the test grid with that resize made the identity and the probabilities resized."""
+    if inf.takes_output_sizes(model):
+        return model([img], output_sizes=[tuple(size)])[0]
+    t = model.transform
+    saved = (t.min_size, t.max_size)
+    t.min_size, t.max_size = (min(img.shape[-2:]),), max(img.shape[-2:])
+    try:
+        o = model([img.float() / 255])[0]
+    finally:
+        t.min_size, t.max_size = saved
+    if tuple(o["masks"].shape[-2:]) != tuple(size):
+        o["masks"] = F.interpolate(o["masks"], size=tuple(size), mode="bilinear", align_corners=False)
+    return o
+
+
 def test_predict_submission_is_bit_exact_on_the_original_grid(weights, resized_shards, image_folder, tmp_path):
+    from fashionseg.data.eval_source import decode_for_test, iter_eval_samples
+
     out = tmp_path / "pred"
     assert fashionseg_main(["predict", "--weights", str(weights), str(image_folder), str(resized_shards), "--split", "val",
                             "--out", str(out), "--device", "cpu", "--no-progress", "--batch-size", "1"]) == 0  # batches pad: compare unbatched
     preds = json.loads((out / "predictions.json").read_text())
+    assert all("bbox" not in p for p in preds)  # segm results: areas from masks (module docstring)
     grouped = by_image(preds)
     model, vocab, cfg = inf.load_weights(weights, "cpu")
 
-    # the original grids: files as decoded, shard samples from their JSON
-    grids, stored = {}, {}
-    for f in sorted(image_folder.iterdir()):
-        grids[f.stem] = Image.open(f).size[::-1]
-        stored[f.stem] = inf.decode_image(f)
-    for key, jpg, meta in iter_split(resized_shards, "val"):
-        grids[meta["image_id"]] = (meta["orig_height"], meta["orig_width"])
-        stored[meta["image_id"]] = inf.decode_image(jpg)
-    assert any(stored[k].shape[-2:] != grids[k] for k in grids), "the fixture must resize some images"
+    # the original grids and the test images the data layer gives (test size 64, max 96 from the weights)
+    grids, test_images, ids = {}, {}, {}
+    for s in iter_eval_samples(resized_shards, "val", test_size=64, max_size=96):
+        key = s.meta["source_id"]
+        grids[key], test_images[key], ids[key] = s.original_size, s.image, s.image_id
+        assert s.stored_size != s.original_size  # the fixture resizes every image
+    first = max(int(x["image_id"]) for sh in read_manifest(resized_shards)["splits"]["val"]["shards"]
+                for x in sh["samples"]) + 1
+    for i, f in enumerate(sorted(image_folder.iterdir())):
+        test_images[f.stem], grids[f.stem] = decode_for_test(f, 64, 96)
+        ids[f.stem] = first + i  # loose files are numbered in input order, after the shards' ids
     assert set(grouped) == set(grids)  # score_thresh 0: every image has detections
     assert all(len(v) == cfg.detections_per_img for v in grouped.values())
+    assert all(p["image_id"] == ids[p["image_key"]] for p in preds)
+    images = json.loads((out / "images.json").read_text())["images"]
+    assert {im["file_name"]: (im["id"], (im["height"], im["width"])) for im in images} == \
+        {k: (ids[k], tuple(grids[k])) for k in grids}
 
     with torch.no_grad():
         for key, dets in grouped.items():
             masks = np.stack([decode_coco(d["segmentation"]) for d in dets])
             assert masks.shape[1:] == tuple(grids[key])
-            # the masks are the model's own, resized to the original grid, cut at mask_thresh
-            o = model([stored[key]])[0]
-            probs = o["masks"]
-            if tuple(probs.shape[-2:]) != tuple(grids[key]):
-                probs = F.interpolate(probs, size=tuple(grids[key]), mode="bilinear", align_corners=False)
-            np.testing.assert_array_equal(masks, (probs[:, 0] > cfg.mask_thresh).numpy().astype(np.uint8))
+            # the masks are the model's own on the original grid, cut at mask_thresh
+            o = _model_on(model, test_images[key], grids[key])
+            np.testing.assert_array_equal(masks, (o["masks"][:, 0] > cfg.mask_thresh).numpy().astype(np.uint8))
             assert [d["score"] for d in dets] == pytest.approx(o["scores"].tolist())
             assert [d["category_id"] for d in dets] == [vocab.category_id(int(l)) for l in o["labels"]]
 
@@ -148,10 +172,13 @@ def test_predict_tta_end_to_end(weights, image_folder, tmp_path):
 
 
 def test_tta_single_pass_equals_plain_inference(weights, image_folder):
+    from fashionseg.data.eval_source import decode_for_test
+
     model, _, _ = inf.load_weights(weights, "cpu")
-    img = inf.decode_image(image_folder / "odd_b.jpg")
+    img, _ = decode_for_test(image_folder / "odd_b.jpg", 64, 96)
+    resize_target = (model.transform.min_size, model.transform.max_size)
     with torch.no_grad():
-        plain = model([img])[0]
+        plain = inf.forward_by_shape(model, [img], [tuple(img.shape[-2:])])[0]
         one = tta_outputs(model, [img], scales=(1.0,), hflip=False)[0]
         flipped = tta_outputs(model, [img.flip(-1)], scales=(1.0,), hflip=False)[0]
     # one pass at the model's own scale: the model's NMS already left no same-class pair at
@@ -159,7 +186,7 @@ def test_tta_single_pass_equals_plain_inference(weights, image_folder):
     assert len(one["scores"]) == len(plain["scores"]) > 0
     for k in ("boxes", "labels", "scores", "masks", "attribute_scores"):
         torch.testing.assert_close(one[k], plain[k], rtol=0, atol=0)
-    assert model.transform.min_size == (64,) and model.transform.max_size == 96  # restored
+    assert (model.transform.min_size, model.transform.max_size) == resize_target  # restored (older models)
     assert len(flipped["scores"]) > 0
 
 
@@ -295,7 +322,8 @@ def _eval_worker(rank: int, world: int, port: int, weights: str, shards: str, ou
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         model, vocab, _ = inf.load_weights(weights, "cpu")
-        m = evaluate_model(model, shards, "val", vocab, mask_thresh=0.5, batch_size=1, device="cpu", progress=False)
+        m = evaluate_model(model, shards, "val", vocab, mask_thresh=0.5, batch_size=1, device="cpu", test_size=64,
+                           max_size=96, progress=False)
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(m))
     finally:
         dist.destroy_process_group()
@@ -319,9 +347,11 @@ def test_distributed_eval_equals_single_process(weights, resized_shards, tmp_pat
 
     mp.spawn(_eval_worker, args=(2, _free_port(), str(weights), str(resized_shards), str(tmp_path)), nprocs=2, join=True)
     model, vocab, _ = inf.load_weights(weights, "cpu")
-    model.train()
-    single = evaluate_model(model, resized_shards, "val", vocab, mask_thresh=0.5, batch_size=1, device="cpu", progress=False)
-    assert model.training  # mode restored
+    trainable = not getattr(model, "folded", False)  # a BatchNorm-folded model (eval/predict's) cannot train
+    model.train(trainable)
+    single = evaluate_model(model, resized_shards, "val", vocab, mask_thresh=0.5, batch_size=1, device="cpu",
+                            test_size=64, max_size=96, progress=False)
+    assert model.training == trainable  # mode restored
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     single = json.loads(json.dumps(single))
     for m in ranks + [single]:

@@ -1,26 +1,20 @@
 """COCO-format ground truth and detections, scored with pycocotools' COCOeval (bbox and segm).
 
-Ground truth comes from the shards' per-sample JSON (FORMATS.md section 3): masks are COCO RLE on
-the stored image's grid, so detections are scored on that same grid. Image ids are the sample's
-index in its split (shard order), the same `image_id` the loader puts in its targets.
-
-Detections ("results") are COCO result dicts with this project's extra attribute fields:
-`{"image_id", "category_id" (source id), "score", "bbox" [x, y, w, h], "segmentation" (RLE),
-"attribute_ids" [source ids], "attribute_scores" [floats, parallel to attribute_ids]}`.
+Ground truth is a COCO dataset dict: `fashionseg.data.eval_source.ground_truth` for a shard split
+(the source's image ids, original or stored grid), or any COCO/Fashionpedia annotation file
+(score.read_annotations). Detections ("results") are COCO result dicts with this project's
+extra attribute fields: `{"image_id", "category_id" (source id), "score", "segmentation" (RLE),
+"bbox" [x, y, w, h] (optional for segm), "attribute_ids" [source ids], "attribute_scores"}`.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import io
-from typing import Iterable
 
 import numpy as np
-from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-
-from fashionseg.data.vocab import Vocab
 
 # The order of COCOeval.stats for bbox/segm.
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -37,56 +31,6 @@ def _undefined_to_none(x: float) -> float | None:
     return None if x < 0 else x
 
 
-def gt_from_samples(samples: Iterable[tuple[str, dict]], vocab: Vocab) -> dict:
-    """(key, sample JSON) pairs in split order -> a COCO ground-truth dataset dict.
-
-    Image `id` is the running index (0, 1, ...), `file_name` the sample key; the original
-    ImageId and original size ride along so predictions can go back to the source grid.
-    """
-    images, annotations = [], []
-    for index, (key, meta) in enumerate(samples):
-        try:
-            h, w = int(meta["height"]), int(meta["width"])
-            instances = meta["instances"]
-        except (KeyError, TypeError, ValueError) as e:
-            raise EvalDataError(f"sample '{key}': per-sample JSON lacks {e} (FORMATS.md section 3)") from None
-        images.append({"id": index, "file_name": key, "height": h, "width": w,
-                       "image_key": meta.get("image_id", key),
-                       "orig_height": int(meta.get("orig_height", h)), "orig_width": int(meta.get("orig_width", w))})
-        for j, inst in enumerate(instances):
-            cat = inst.get("category_id")
-            if not vocab.has_category(cat):
-                raise EvalDataError(f"sample '{key}' instance {j}: category_id {cat!r} is not in the vocabulary")
-            seg = inst.get("segmentation")
-            if not isinstance(seg, dict) or "counts" not in seg:
-                raise EvalDataError(f"sample '{key}' instance {j}: 'segmentation' is not a COCO RLE dict")
-            if list(seg.get("size", [])) != [h, w]:
-                raise EvalDataError(f"sample '{key}' instance {j}: mask size {seg.get('size')} != image {h}x{w}")
-            rle = {"size": [h, w], "counts": seg["counts"].encode("ascii") if isinstance(seg["counts"], str) else seg["counts"]}
-            if isinstance(rle["counts"], list):
-                rle = mask_util.frPyObjects(rle, h, w)
-            area = float(mask_util.area(rle))
-            bbox = [float(v) for v in inst.get("bbox") or mask_util.toBbox(rle).tolist()]
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": index, "category_id": cat,
-                "attribute_ids": [int(a) for a in inst.get("attribute_ids") or []],
-                "segmentation": {"size": [h, w], "counts": rle["counts"].decode("ascii")
-                                 if isinstance(rle["counts"], bytes) else rle["counts"]},
-                "area": area, "bbox": bbox, "iscrowd": 0,
-            })
-    return {"images": images, "annotations": annotations,
-            "categories": [dict(c) for c in vocab.categories], "attributes": [dict(a) for a in vocab.attributes]}
-
-
-def gt_from_shards(shard_dir, split: str, vocab: Vocab | None = None) -> dict:
-    """Every sample of `split` in a shard set -> COCO ground-truth dict (vocabulary from the manifest)."""
-    from fashionseg.data.shards.reader import iter_split, read_manifest
-
-    if vocab is None:
-        vocab = Vocab.from_dict(read_manifest(shard_dir))
-    return gt_from_samples(((key, meta) for key, _, meta in iter_split(shard_dir, split)), vocab)
-
-
 def coco_from_dict(dataset: dict) -> COCO:
     """pycocotools COCO object from an in-memory dict, without its chatter on stdout."""
     coco = COCO()
@@ -97,32 +41,47 @@ def coco_from_dict(dataset: dict) -> COCO:
 
 
 def load_results(coco_gt: COCO, results: list[dict], iou_type: str) -> COCO:
-    """COCO results -> a detections COCO object for `iou_type`.
+    """COCO results -> a detections COCO object, as the official `loadRes` reads them.
 
-    pycocotools' `loadRes` takes the box branch whenever a result has a `bbox`, which would turn
-    a segm evaluation into a box one; so for segm the boxes are dropped, as Detectron2 does.
-    An empty result list (which `loadRes` cannot take) gives an empty detection set.
+    pycocotools' and Fashionpedia's `loadRes` read a file with boxes (decided by its first
+    result) in their box branch: the detection `area` is then the box area, also in a segm
+    evaluation, where it only decides the APs/APm/APl ranges. That is kept here, so `score`
+    gives the official tools' figures for any file; eval and predict write segm results without
+    boxes (`segm_results`), so areas come from masks as for ground truth (Detectron2 does the
+    same). Every result is checked first, so a bad one is named instead of failing inside
+    pycocotools; an empty list (which `loadRes` cannot take) gives an empty detection set.
     """
     if iou_type not in IOU_TYPES:
         raise ValueError(f"iou_type must be one of {IOU_TYPES}, got {iou_type!r}")
-    known = set(coco_gt.getImgIds())
+    sizes = {im["id"]: (im.get("height"), im.get("width")) for im in coco_gt.dataset["images"]}
+    cats = set(coco_gt.getCatIds())
+    with_box = bool(results) and isinstance(results[0], dict) and bool(results[0].get("bbox"))
     anns = []
     for i, r in enumerate(results):
-        if r.get("image_id") not in known:
-            raise EvalDataError(f"detection #{i}: image_id {r.get('image_id')!r} is not in the ground truth")
-        r = dict(r)
-        if iou_type == "segm":
-            if "segmentation" not in r:
-                raise EvalDataError(f"detection #{i} has no 'segmentation' for a segm evaluation")
-            r.pop("bbox", None)
-            seg = r["segmentation"]
-            if isinstance(seg.get("counts"), str):
-                r["segmentation"] = {"size": list(seg["size"]), "counts": seg["counts"].encode("ascii")}
-        else:
-            if "bbox" not in r:
-                raise EvalDataError(f"detection #{i} has no 'bbox' for a bbox evaluation")
-            r.pop("segmentation", None)
-        anns.append(r)
+        if not isinstance(r, dict):
+            raise EvalDataError(f"detection #{i}: not a JSON object but {type(r).__name__}")
+        if r.get("image_id") not in sizes:
+            raise EvalDataError(f"detection #{i}: image_id {r.get('image_id')!r} is not in the ground truth's images "
+                                "(results must use the annotation file's own image ids)")
+        if r.get("category_id") not in cats:
+            raise EvalDataError(f"detection #{i}: category_id {r.get('category_id')!r} is not in the ground truth's categories")
+        if not isinstance(r.get("score"), (int, float)) or isinstance(r.get("score"), bool):
+            raise EvalDataError(f"detection #{i}: 'score' must be a number, got {r.get('score')!r}")
+        if with_box != bool(r.get("bbox")):
+            raise EvalDataError(f"detection #{i}: {'no' if with_box else 'a'} 'bbox' where detection #0 has "
+                                f"{'one' if with_box else 'none'}; give every result a bbox or none")
+        if with_box and (not isinstance(r["bbox"], (list, tuple)) or len(r["bbox"]) != 4):
+            raise EvalDataError(f"detection #{i}: 'bbox' must be [x, y, width, height], got {r['bbox']!r}")
+        seg = r.get("segmentation")
+        if iou_type == "segm" or not with_box:
+            if not isinstance(seg, dict) or "counts" not in seg or "size" not in seg:
+                raise EvalDataError(f"detection #{i}: 'segmentation' must be a COCO RLE dict {{'size', 'counts'}} "
+                                    f"(a {iou_type} evaluation{'' if with_box else ' of results without bbox'}), "
+                                    f"got {type(seg).__name__}")
+            if None not in sizes[r["image_id"]] and list(seg["size"]) != list(sizes[r["image_id"]]):
+                raise EvalDataError(f"detection #{i}: mask size {list(seg['size'])} differs from image {r['image_id']}'s "
+                                    f"height x width {list(sizes[r['image_id']])}")
+        anns.append(copy.deepcopy(r))  # loadRes writes id/area/iscrowd into them
     if not anns:
         dt = COCO()
         dt.dataset = {"images": list(coco_gt.dataset["images"]), "categories": list(coco_gt.dataset["categories"]),
@@ -132,6 +91,11 @@ def load_results(coco_gt: COCO, results: list[dict], iou_type: str) -> COCO:
         return dt
     with contextlib.redirect_stdout(io.StringIO()):
         return coco_gt.loadRes(anns)
+
+
+def segm_results(results: list[dict]) -> list[dict]:
+    """Results for a segm evaluation or file: without `bbox`, so areas come from the masks."""
+    return [{k: v for k, v in r.items() if k != "bbox"} for r in results]
 
 
 def per_category_ap(precision: np.ndarray, cat_ids: list[int], area: int = 0, max_det: int = -1) -> dict[str, dict]:
@@ -172,58 +136,3 @@ def gt_counts(gt: dict) -> dict[str, int]:
         key = str(a["category_id"])
         counts[key] = counts.get(key, 0) + 1
     return counts
-
-
-def results_from_gt(gt: dict, score: float = 1.0) -> list[dict]:
-    """Ground truth turned into detections (each annotation with `score`): the AP = 1 oracle."""
-    return [{"image_id": a["image_id"], "category_id": a["category_id"], "score": score,
-             "bbox": list(a["bbox"]), "segmentation": dict(a["segmentation"]),
-             "attribute_ids": list(a["attribute_ids"]), "attribute_scores": [1.0] * len(a["attribute_ids"])}
-            for a in gt["annotations"]]
-
-
-def category_table(metrics: dict, vocab: Vocab, title: str = "per-category AP (%): box, mask, AP^{IoU+F1}"):
-    """A rich Table of per-category bbox/segm AP (and AP^{IoU+F1} where present), GT counts."""
-    from rich.table import Table
-
-    def fmt(v):
-        return "-" if v is None else f"{100 * v:.1f}"
-
-    table = Table(title=title, show_lines=False)
-    # short headers, one line per category: the table fits an 80-column terminal
-    for col in ("id", "category", "GT", "box AP", "AP50", "mask AP", "AP50", "IoU+F1 AP"):
-        if col == "category":
-            table.add_column(col, justify="left", no_wrap=True, overflow="ellipsis", max_width=18)
-        else:
-            table.add_column(col, justify="right", no_wrap=True, min_width=len(col))
-    counts = metrics.get("gt_counts", {})
-    box = metrics.get("bbox", {}).get("per_category", {})
-    seg = metrics.get("segm", {}).get("per_category", {})
-    fp = metrics.get("iou_f1", {}).get("per_category", {})
-    for cat in vocab.categories:
-        cid = cat["id"]
-        key = str(cid)
-        n = counts.get(key, 0)
-        if not n:
-            continue
-        table.add_row(str(cid), cat["name"], str(n), fmt(box.get(key, {}).get("AP")), fmt(box.get(key, {}).get("AP50")),
-                      fmt(seg.get(key, {}).get("AP")), fmt(seg.get(key, {}).get("AP50")), fmt(fp.get(key, {}).get("AP")))
-    return table
-
-
-def summary_table(metrics: dict, title: str = "COCO metrics"):
-    """A rich Table: rows bbox / segm, columns AP, AP50, AP75, APs, APm, APl (percent)."""
-    from rich.table import Table
-
-    table = Table(title=title)
-    table.add_column("type")
-    cols = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-    for c in cols:
-        table.add_column(c, justify="right")
-    iou_f1_keys = {"AP50": "AP_IOU50", "AP75": "AP_IOU75"}  # F1 still swept 0.50:0.95
-    for name, label in (("bbox", "bbox"), ("segm", "segm"), ("iou_f1", "AP^{IoU+F1}")):
-        m = metrics.get(name)
-        if m:
-            keys = [iou_f1_keys.get(c, c) if name == "iou_f1" else c for c in cols]
-            table.add_row(label, *("-" if m.get(k) is None else f"{100 * m[k]:.2f}" for k in keys))
-    return table

@@ -1,19 +1,21 @@
 """`fashionseg eval`: COCO bbox/segm AP and Fashionpedia's AP^{IoU+F1} of a weights file on a split.
 
 `evaluate_model` is the one evaluation path, used by this command and by the trainer: every rank
-infers its share of the split (iter_rank_samples), results and ground truth are gathered on rank
-0, scored there, and the metrics dict is broadcast so every rank returns the same numbers.
+reads and infers only its share of the split through `fashionseg.data.eval_source` (the test
+resize of training), results are gathered on rank 0 and scored there against the split's
+ground truth (eval_source.ground_truth), and the metrics dict is broadcast so every rank
+returns the same numbers.
 
-Metrics dict (also the JSON written by `--out`):
-  {"split", "num_images", "num_detections", "mask_thresh", "attr_thresh",
-   "bbox": {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
-            "per_category": {str(cat id): {"AP", "AP50", "AP75"}}},
-   "segm": {same},
-   "iou_f1": {"AP", "AP_IOU50", "AP_IOU75", "AP_F150", ..., "per_category": {...}} (mask IoU),
-   "gt_counts": {str(cat id): n}}
-Values are fractions in 0..1; None where undefined (no ground truth of that kind). The command's
+Grid: by default ("original") predictions are pasted at each source image's own size and scored
+against the original-resolution ground truth, as Kaggle and the official Fashionpedia evaluator
+do, also for shards built with `--max-size`; `--grid stored` scores on the shard images' grid.
+Image ids are the source's own (COCO `images[].id`; Kaggle sources: the id the build assigned).
+
+Metrics dict: score.score_results' layout (also the JSON written by `--out`) plus "split",
+"grid", "mask_thresh", "attr_thresh", "test_size", "max_size", "infer_seconds"; the command's
 JSON adds "weights", "shards", "score_thresh" and "nms_thresh" (the post-processing it ran with:
-flags > --config YAML, e.g. tune-thresholds' output > the checkpoint's model config).
+flags > --config YAML, e.g. tune-thresholds' output > the checkpoint's model config). A split
+without images gives `{"split", "num_images": 0, "num_detections": 0, "empty": True}`.
 
 Under `accelerate launch` / torchrun only rank 0 prints and writes; an error on any rank (say a
 sample it cannot decode) is gathered too and raised on every rank, so none waits for the others.
@@ -30,21 +32,9 @@ import torch
 from fashionseg.data.vocab import Vocab
 from fashionseg.eval import coco as coco_lib
 from fashionseg.eval import inference as inf
-from fashionseg.eval.fashionpedia import FashionpediaParams, fashionpedia_evaluate
+from fashionseg.eval.fashionpedia import parse_attribute_categories
+from fashionseg.eval.score import add_attribute_categories_argument, score_results
 from fashionseg.io import atomic_write_json
-
-
-def score_results(gt: dict, results: list[dict], *, iou_f1: bool = True,
-                  fp_params: FashionpediaParams | None = None, iou_types=coco_lib.IOU_TYPES) -> dict:
-    """Ground-truth dict + COCO results -> metrics (the model-free core of evaluation)."""
-    coco_gt = coco_lib.coco_from_dict(gt)
-    out: dict[str, Any] = {"num_images": len(gt["images"]), "num_detections": len(results)}
-    for iou_type in iou_types:
-        out[iou_type] = coco_lib.coco_evaluate(coco_gt, results, iou_type)
-    if iou_f1:
-        out["iou_f1"] = fashionpedia_evaluate(coco_gt, results, "segm", fp_params)
-    out["gt_counts"] = coco_lib.gt_counts(gt)
-    return out
 
 
 def headline(metrics: dict) -> dict[str, float]:
@@ -58,36 +48,50 @@ def headline(metrics: dict) -> dict[str, float]:
     return out
 
 
+GRIDS = ("original", "stored")
+
+
+def empty_split(split: str) -> dict:
+    """The metrics of a split without images: the trainer says so once and skips evaluation."""
+    return {"split": split, "num_images": 0, "num_detections": 0, "empty": True}
+
+
+def _default_scale(net) -> tuple[int, int]:
+    """An older model's own resize target (it resized test images itself)."""
+    t = getattr(net, "transform", None)
+    if getattr(t, "min_size", None) is None or getattr(t, "max_size", None) is None:
+        raise ValueError("evaluate_model needs test_size and max_size: the run's data.test_size (or the largest "
+                         "data.min_size) and data.max_size (inference.inference_scale(config) gives both)")
+    return int(max(t.min_size)), int(t.max_size)
+
+
 @torch.no_grad()
 def run_split(model: torch.nn.Module, shard_dir, split: str, vocab: Vocab, *, mask_thresh: float, batch_size: int,
-              device, accelerator=None, attr_thresh: float = 0.5, max_images: int | None = None,
-              progress: bool = True) -> tuple[dict | None, list[dict] | None, float]:
-    """Infer this rank's share of `split`; on rank 0 return (GT dict, results, seconds), else (None, None, s)."""
+              device, test_size: int, max_size: int, grid: str = "original", accelerator=None,
+              attr_thresh: float = 0.5, max_images: int | None = None,
+              progress: bool = True) -> tuple[list[dict] | None, float]:
+    """Infer this rank's share of `split`; on rank 0 return (all results, seconds), else (None, s)."""
+    from fashionseg.data.eval_source import iter_eval_samples
     from fashionseg.model.build import unwrap
 
     rank, world = inf.rank_and_world(accelerator)
     net = unwrap(model)  # no DDP wrapper: ranks run different numbers of batches, without collectives
     was_training = net.training
     net.eval()
-    images, anns, results = [], [], []
+    results: list[dict] = []
     total = inf.rank_share(inf.split_size(shard_dir, split, max_images), rank, world)
     t0 = time.perf_counter()
     error = None
     try:
+        samples = iter_eval_samples(shard_dir, split, rank=rank, world_size=world, test_size=test_size,
+                                    max_size=max_size, max_images=max_images)
         with progress_bar(progress and rank == 0, f"eval {split}", total) as advance:
-            for batch in inf.batched(inf.iter_rank_samples(shard_dir, split, rank, world, max_images), batch_size):
-                tensors = [inf.decode_image(jpg, f"{shard_dir}/{split} sample '{key}'").to(device) for _, key, jpg, _ in batch]
-                outputs = inf.forward_by_shape(net, tensors)
-                for (index, key, _, meta), out in zip(batch, outputs):
-                    gt = coco_lib.gt_from_samples([(key, meta)], vocab)
-                    for im in gt["images"]:
-                        im["id"] = index
-                    for a in gt["annotations"]:
-                        a["image_id"] = index
-                    images += gt["images"]
-                    anns += gt["annotations"]
-                    results += inf.outputs_to_results(out, index, vocab, mask_thresh=mask_thresh, attr_thresh=attr_thresh,
-                                                      out_size=(int(meta["height"]), int(meta["width"])))
+            for batch in inf.batched(samples, batch_size):
+                sizes = [s.original_size if grid == "original" else s.stored_size for s in batch]
+                outputs = inf.forward_by_shape(net, [s.image.to(device) for s in batch], sizes)
+                for s, out, size in zip(batch, outputs, sizes):
+                    results += inf.outputs_to_results(out, s.image_id, vocab, mask_thresh=mask_thresh,
+                                                      attr_thresh=attr_thresh, out_size=size)
                 advance(len(batch))
     except Exception as e:
         if world == 1:
@@ -97,41 +101,58 @@ def run_split(model: torch.nn.Module, shard_dir, split: str, vocab: Vocab, *, ma
     finally:
         net.train(was_training)
     seconds = time.perf_counter() - t0
-    parts = inf.gather_to_main((images, anns, results, error), accelerator)
-    errors = inf.broadcast_from_main([p[3] for p in parts if p[3] is not None] if parts is not None else None, accelerator)
+    parts = inf.gather_to_main((results, error), accelerator)
+    errors = inf.broadcast_from_main([p[1] for p in parts if p[1] is not None] if parts is not None else None, accelerator)
     if errors:  # every rank raises the same error
         kind, message = errors[0]
         raise (kind if issubclass(kind, ValueError) else RuntimeError)("; ".join(m for _, m in errors))
     if parts is None:
-        return None, None, seconds
-    all_images = sorted((im for p in parts for im in p[0]), key=lambda im: im["id"])
-    all_anns = sorted((a for p in parts for a in p[1]), key=lambda a: a["image_id"])  # stable: keeps instance order
-    for i, a in enumerate(all_anns):
-        a["id"] = i + 1
-    gt = {"images": all_images, "annotations": all_anns, "categories": [dict(c) for c in vocab.categories],
-          "attributes": [dict(a) for a in vocab.attributes]}
-    return gt, [r for p in parts for r in p[2]], seconds
+        return None, seconds
+    return [r for p in parts for r in p[0]], seconds
 
 
 def evaluate_model(model: torch.nn.Module, shard_dir, split: str, vocab: Vocab, *, mask_thresh: float, batch_size: int,
                    device, accelerator=None, attr_thresh: float = 0.5, max_images: int | None = None,
-                   iou_f1: bool = True, progress: bool = True) -> dict:
+                   iou_f1: bool = True, progress: bool = True, test_size: int | None = None,
+                   max_size: int | None = None, grid: str = "original", attribute_categories="official") -> dict:
     """Metrics of `model` on `split` of a shard set (module docstring); identical on every rank.
 
-    Leaves the model in the train/eval mode it was given in. `device` is where images go
-    (the model's device)."""
+    `test_size`/`max_size`: the test scale (the run's data.test_size or max data.min_size, and
+    data.max_size; None: an older model's own transform sizes). Leaves the model in the
+    train/eval mode it was given in. `device` is where images go (the model's device)."""
+    from fashionseg.data.eval_source import ground_truth
     from fashionseg.data.shards.reader import read_manifest
 
+    if grid not in GRIDS:
+        raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
     inf.check_same_vocab(vocab, Vocab.from_dict(read_manifest(shard_dir)), str(shard_dir))
-    gt, results, seconds = run_split(model, shard_dir, split, vocab, mask_thresh=mask_thresh, batch_size=batch_size,
-                                     device=device, accelerator=accelerator, attr_thresh=attr_thresh,
-                                     max_images=max_images, progress=progress)
-    metrics = None
-    if gt is not None:
-        metrics = score_results(gt, results, iou_f1=iou_f1)
-        metrics.update(split=split, mask_thresh=mask_thresh, attr_thresh=attr_thresh,
-                       infer_seconds=round(seconds, 3))
-    return inf.broadcast_from_main(metrics, accelerator)
+    if inf.split_size(shard_dir, split, max_images) == 0:
+        return empty_split(split)
+    if test_size is None or max_size is None:
+        from fashionseg.model.build import unwrap
+
+        default = _default_scale(unwrap(model))
+        test_size, max_size = test_size or default[0], max_size or default[1]
+    results, seconds = run_split(model, shard_dir, split, vocab, mask_thresh=mask_thresh, batch_size=batch_size,
+                                 device=device, test_size=test_size, max_size=max_size, grid=grid,
+                                 accelerator=accelerator, attr_thresh=attr_thresh, max_images=max_images,
+                                 progress=progress)
+    metrics, error = None, None
+    if results is not None:
+        try:
+            gt = ground_truth(shard_dir, split, grid=grid, max_images=max_images)
+            metrics = score_results(gt, results, iou_f1="segm" if iou_f1 else None,
+                                    attribute_categories=attribute_categories, segm_area_from_masks=True)
+            metrics.update(split=split, grid=grid, mask_thresh=mask_thresh, attr_thresh=attr_thresh,
+                           test_size=test_size, max_size=max_size, infer_seconds=round(seconds, 3))
+        except Exception as e:  # raised on every rank below: the others would wait for the metrics forever
+            if inf.rank_and_world(accelerator)[1] == 1:
+                raise
+            error = (type(e), str(e))
+    metrics, error = inf.broadcast_from_main((metrics, error), accelerator)
+    if error:
+        raise (error[0] if issubclass(error[0], ValueError) else RuntimeError)(error[1])
+    return metrics
 
 
 class progress_bar:  # noqa: N801 (used like a function)
@@ -164,15 +185,6 @@ class progress_bar:  # noqa: N801 (used like a function)
         return False
 
 
-def print_metrics(metrics: dict, vocab: Vocab, console=None) -> None:
-    from rich.console import Console
-
-    console = console or Console()
-    console.print(coco_lib.summary_table(metrics, title=f"{metrics.get('split', '')}: {metrics['num_images']} images, "
-                                                        f"{metrics['num_detections']} detections (AP in %)"))
-    console.print(coco_lib.category_table(metrics, vocab))
-
-
 # -- command ------------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", required=True, help="model_final.pth written by `fashionseg train`")
@@ -185,6 +197,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attr-thresh", type=float, default=0.5, help="attribute score for the predicted attribute set")
     p.add_argument("--max-images", type=int, default=None, help="evaluate the first N samples of the split only")
     p.add_argument("--no-iou-f1", action="store_true", help="skip AP^{IoU+F1} (COCO AP only)")
+    p.add_argument("--grid", choices=GRIDS, default="original",
+                   help="score on the source images' own grid (default, as Kaggle / the official tools) or the shards'")
+    inf.add_scale_arguments(p)
+    add_attribute_categories_argument(p)
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -206,6 +222,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
     from fashionseg.data.shards.manifest import ManifestError
+    from fashionseg.eval.tables import print_metrics
     from fashionseg.data.shards.reader import ShardError
 
     console = Console(stderr=True)
@@ -214,23 +231,29 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         accelerator, device = _accelerator(args.device)
-        model, vocab, model_cfg = inf.load_weights(args.weights, device)
+        spec = parse_attribute_categories(args.attribute_categories)
+        model, vocab, model_cfg, config = inf.load_for_inference(args.weights, device)
+        test_size, max_size = inf.inference_scale(config, args.test_size, args.max_size)
         post = inf.apply_postprocess(model, model_cfg, args)
         mask_thresh = post["mask_thresh"]
         metrics = evaluate_model(model, args.shards, args.split, vocab, mask_thresh=mask_thresh,
                                  batch_size=args.batch_size, device=device, accelerator=accelerator,
                                  attr_thresh=args.attr_thresh, max_images=args.max_images,
-                                 iou_f1=not args.no_iou_f1, progress=not args.no_progress)
+                                 iou_f1=not args.no_iou_f1, progress=not args.no_progress, test_size=test_size,
+                                 max_size=max_size, grid=args.grid, attribute_categories=spec)
     except (inf.WeightsError, ManifestError, ShardError, coco_lib.EvalDataError, ValueError) as e:
         console.print(f"[red]error:[/] {escape(str(e))}")
         return 1
     rank, _ = inf.rank_and_world(accelerator)
     if rank != 0:
         return 0
+    if metrics.get("empty"):
+        console.print(f"[red]error:[/] split '{escape(args.split)}' of {escape(str(args.shards))} has no images: nothing to evaluate")
+        return 1
     metrics.update(weights=str(args.weights), shards=str(args.shards),
                    score_thresh=post["score_thresh"], nms_thresh=post["nms_thresh"])
     out = Path(args.out) if args.out else Path(args.weights).with_name("eval.json")
     atomic_write_json(out, metrics)
-    print_metrics(metrics, vocab, Console())
+    print_metrics(metrics, vocab.categories, Console())
     console.print(f"metrics written to {escape(str(out))}")
     return 0

@@ -1,31 +1,31 @@
-"""Run a model over images: weights loading, decoding, model outputs -> COCO results, rank split.
+"""Run a model over images: weights loading, the test scale, model outputs -> COCO results, rank split.
 
-Model outputs (docs/design.md) come back on the grid of the image the model was given; a result
-is RLE-encoded on the grid the caller names (`out_size`): the stored image's own grid for
-evaluation against shard ground truth, the original (pre-resize) grid for predict/submission.
-Mask probabilities are resized to that grid (bilinear) before they are binarised, so a mask is
-cut at `mask_thresh` only once. Binarisation is `prob > mask_thresh`, as `binarize_masks` in
-model/build.py and torchvision do.
+Images come from the data layer (`fashionseg.data.eval_source`): uint8 [3, h, w] at the test
+scale, resized by the very code training uses. The model is asked for its outputs on the grid
+results are scored on (`forward_by_shape(net, images, out_sizes)`): the original image for eval/predict by
+default, the stored shard image with `--grid stored`. A model with contract 3
+(`model(images, output_sizes=...)`) pastes its 28x28 mask probabilities directly at that size;
+for an older model the probabilities come back on the input grid and `outputs_to_results`
+resizes them (bilinear) before it cuts them at `mask_thresh` (`prob > mask_thresh`, as
+torchvision), so a mask is binarised once.
 
 Distributed evaluation: rank r takes the samples whose split index i has i % world_size == r
-(every sample exactly once, no padding: a training loader that evens out step counts would
-duplicate or drop samples), and the per-rank results are gathered on rank 0 with
+(every sample exactly once, no padding), and the per-rank results are gathered on rank 0 with
 `torch.distributed.gather_object` (which accelerate also runs on). Images go through the model
 in same-size groups (forward_by_shape), so a detection does not depend on the batch size or on
 the number of processes: a distributed evaluation gives the single process's numbers.
 """
 from __future__ import annotations
 
-import io
+import inspect
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from fashionseg.data.rle import encode_coco_many
 from fashionseg.data.vocab import Vocab, VocabError
@@ -34,14 +34,49 @@ from fashionseg.model.weights_file import WeightsError, load_model  # noqa: E402
 
 
 # -- weights ------------------------------------------------------------------------------------
-def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """`model_final.pth` -> (model in eval mode on `device`, Vocab, ModelConfig)."""
+class Loaded(NamedTuple):
+    model: torch.nn.Module
+    vocab: Vocab
+    model_cfg: Any
+    config: dict  # the run's whole config as saved (sections "data", "model", ...)
+
+
+def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu") -> Loaded:
+    """`model_final.pth` -> Loaded(model in eval mode on `device`, Vocab, ModelConfig, run config)."""
     model, wf, model_cfg = load_model(path, device)
     try:
         vocab = Vocab(list(wf.categories), list(wf.attributes))
     except (VocabError, TypeError) as e:
         raise WeightsError(f"{path}: bad 'categories'/'attributes' vocabulary ({e})") from e
-    return model, vocab, model_cfg
+    return Loaded(model, vocab, model_cfg, dict(wf.config))
+
+
+def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """`model_final.pth` -> (model in eval mode on `device`, Vocab, ModelConfig)."""
+    return load_for_inference(path, device)[:3]
+
+
+def inference_scale(config: dict, test_size: int | None = None, max_size: int | None = None) -> tuple[int, int]:
+    """(shorter side, longer-side cap) of test images: the flags, else the run's `data.test_size`
+    (None: the largest `data.min_size`) and `data.max_size`, else an older file's model keys."""
+    data, model = config.get("data") or {}, config.get("model") or {}
+    if test_size is None:
+        test_size = data.get("test_size")
+    if test_size is None:
+        sizes = data.get("min_size") or model.get("min_size") or [800]
+        test_size = max(sizes) if isinstance(sizes, (list, tuple)) else sizes
+    if max_size is None:
+        max_size = data.get("max_size") or model.get("max_size") or 1333
+    if int(test_size) < 1 or int(max_size) < 1:
+        raise ValueError(f"test size {test_size} / max size {max_size} must be >= 1")
+    return int(test_size), int(max_size)
+
+
+def add_scale_arguments(p) -> None:
+    """--test-size / --max-size, shared by eval, predict and tune-thresholds."""
+    p.add_argument("--test-size", type=int, default=None,
+                   help="shorter side of test images (default: the weights' data.test_size, else max data.min_size)")
+    p.add_argument("--max-size", type=int, default=None, help="longer-side cap (default: the weights' data.max_size)")
 
 
 # -- post-processing ------------------------------------------------------------------------------
@@ -102,58 +137,59 @@ def check_same_vocab(model_vocab: Vocab, data_vocab: Vocab, where: str) -> None:
                                "evaluate with shards built from the same label_descriptions.json")
 
 
-# -- images -------------------------------------------------------------------------------------
-def decode_image(data: bytes | str | os.PathLike, name: str = "") -> torch.Tensor:
-    """JPEG/PNG bytes or a file path -> float32 [3, H, W] in 0..1 (greyscale/CMYK made RGB).
-
-    torchvision's decoder first, as the training transforms (data/transforms.py) use, so eval
-    sees the pixels training saw; PIL for what it cannot read. The pixel grid is the file's own
-    (no EXIF rotation), the grid Kaggle's Height/Width use."""
-    from torchvision.io import ImageReadMode
-    from torchvision.io import decode_image as tv_decode
-
-    raw = data if isinstance(data, (bytes, bytearray)) else None
-    where = (name or str(data)) if raw is None else (name or "image")
-    try:
-        if raw is None:
-            raw = Path(data).read_bytes()
-    except OSError as e:
-        raise ValueError(f"{where}: cannot read the image ({e.strerror or e})") from e
-    if len(raw) == 0:
-        raise ValueError(f"{where}: empty file (0 bytes), not an image")
-    try:
-        img = tv_decode(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError):
-        try:
-            pil = Image.open(io.BytesIO(raw))
-            pil.load()  # truncated data fails here, not later
-            pil = pil.convert("RGB")
-        except Image.UnidentifiedImageError:
-            raise ValueError(f"{where}: not an image format PIL or torchvision can read ({len(raw)} bytes)") from None
-        except Exception as e:
-            raise ValueError(f"{where}: cannot decode the image ({type(e).__name__}: {e})") from e
-        img = torch.from_numpy(np.array(pil, dtype=np.uint8)).permute(2, 0, 1)
-    # 16-bit PNGs decode to uint16: scale by that type's range, not 255
-    return img.float().div_(float(torch.iinfo(img.dtype).max))
+# -- model -------------------------------------------------------------------------------------
+def takes_output_sizes(net: torch.nn.Module) -> bool:
+    """Contract 3: the model pastes its outputs at requested sizes and takes uint8 images."""
+    return "output_sizes" in inspect.signature(net.forward).parameters
 
 
-def forward_by_shape(net: torch.nn.Module, images: list[torch.Tensor]) -> list[dict]:
-    """`net(images)`, one call per image size, outputs in input order.
+def forward_by_shape(net: torch.nn.Module, images: list[torch.Tensor], out_sizes: list[tuple[int, int]] | None = None) -> list[dict]:
+    """The model's outputs for uint8 `images`, one call per image size, in input order; on
+    `out_sizes` for a model with contract 3, else on the input grid (outputs_to_results resizes).
 
     torchvision pads a batch to its largest image, and the padding changes the features near
     the border: the same image gave different detections depending on its batch partners, so
     `--batch-size` and the number of eval processes (which decides who shares a batch) moved
     the metrics. Same-size images pad alike, so this equals running the images one by one."""
+    native = takes_output_sizes(net)
+
+    def call(idx: list[int]) -> list[dict]:
+        batch = [images[i] for i in idx]
+        if native:
+            return net(batch, output_sizes=None if out_sizes is None else [tuple(out_sizes[i]) for i in idx])
+        t = getattr(net, "transform", None)
+        if t is not None and hasattr(t, "min_size"):  # an older model resizes itself: make that the identity
+            h, w = batch[0].shape[-2:]
+            saved = (t.min_size, t.max_size)
+            t.min_size, t.max_size = (min(h, w),), max(h, w)
+            try:
+                return net([im.float() / 255 if im.dtype == torch.uint8 else im for im in batch])
+            finally:
+                t.min_size, t.max_size = saved
+        return net([im.float() / 255 if im.dtype == torch.uint8 else im for im in batch])
+
     groups: dict[tuple[int, int], list[int]] = {}
     for i, im in enumerate(images):
         groups.setdefault(tuple(im.shape[-2:]), []).append(i)
-    if len(groups) <= 1:
-        return net(images)
     out: list = [None] * len(images)
     for idx in groups.values():
-        for i, o in zip(idx, net([images[i] for i in idx])):
+        for i, o in zip(idx, call(idx)):
             out[i] = o
     return out
+
+
+def output_on_grid(out: dict, size: tuple[int, int]) -> dict:
+    """An output whose masks lie on another grid (older models) -> boxes and mask probabilities
+    on `size` (bilinear), for callers that need the probabilities themselves (TTA, tuning)."""
+    masks = out["masks"]
+    h, w = masks.shape[-2:]
+    if len(masks) == 0:
+        return {**out, "masks": masks.new_zeros((0, 1, *size))}
+    if (h, w) == tuple(size):
+        return out
+    scale = out["boxes"].new_tensor([size[1] / w, size[0] / h, size[1] / w, size[0] / h])
+    probs = F.interpolate(masks.float(), size=tuple(size), mode="bilinear", align_corners=False)
+    return {**out, "boxes": out["boxes"] * scale, "masks": probs}
 
 
 # -- outputs -> results -------------------------------------------------------------------------
@@ -239,18 +275,6 @@ def broadcast_from_main(obj: Any, accelerator: Any = None) -> Any:
 
 
 # -- iteration ----------------------------------------------------------------------------------
-def iter_rank_samples(shard_dir, split: str, rank: int = 0, world_size: int = 1,
-                      max_images: int | None = None) -> Iterator[tuple[int, str, bytes, dict]]:
-    """(split index, key, jpg bytes, sample JSON) of the samples this rank owns (index % world == rank)."""
-    from fashionseg.data.shards.reader import iter_split
-
-    for index, (key, jpg, meta) in enumerate(iter_split(shard_dir, split)):
-        if max_images is not None and index >= max_images:
-            return
-        if index % world_size == rank:
-            yield index, key, jpg, meta
-
-
 def batched(items: Iterable, n: int) -> Iterator[list]:
     batch = []
     for item in items:

@@ -1,33 +1,44 @@
 """`fashionseg predict`: images, folders or shard sets -> predictions.json, submission.csv, overlays.
 
 Outputs in `--out DIR`:
-- `predictions.json`: COCO results (a list), one dict per detection: `image_id` (running index),
-  `image_key` (the ImageId), `category_id` and `attribute_ids` as SOURCE ids, `score`, `bbox`
-  [x, y, w, h], `segmentation` (COCO RLE), `attribute_scores` (parallel to `attribute_ids`:
-  the attributes scoring >= --attr-thresh, best first). Masks and boxes are on the ORIGINAL
-  image grid: for shard input the sample's `orig_height`/`orig_width` (mask probabilities are
-  resized back before thresholding), for files the decoded image. Masks may overlap here.
-- `submission.csv`: Kaggle's format (submission.py: overlaps resolved by score).
+- `predictions.json`: a COCO segm results file (a list) that the official `Fashionpedia.loadRes`,
+  pycocotools' `COCO.loadRes` and `fashionseg score` accept against the source's annotation
+  file: `image_id` (the source's own id: COCO/Fashionpedia `images[].id`; Kaggle sources: the
+  integer the shard build assigned; loose files: numbered in input order after the largest id
+  of the shard sets given with them, else from 1), `category_id` and
+  `attribute_ids` as SOURCE ids, `score`, `segmentation` (COCO RLE on the ORIGINAL image grid),
+  plus `image_key` (the ImageId) and `attribute_scores` (parallel to `attribute_ids`: the
+  attributes scoring >= --attr-thresh, best first). There is no `bbox`: the official loadRes
+  takes a result's area from its box when it has one (that moves detections between the
+  small/medium/large ranges), without it from the mask, as for ground truth. Masks may overlap.
+- `images.json`: the id map, COCO-style: `{"images": [{"id", "file_name" (the ImageId), "height",
+  "width", "source"}], "categories", "attributes"}` (for Kaggle sources and loose files, whose
+  ImageIds are strings, this is the key from results back to images).
+- `submission.csv`: Kaggle's format (submission.py: overlaps resolved by score); with
+  `--sample-submission FILE`, every ImageId of FILE in its order.
 - `overlays/<ImageId>.png`: masks, names, top attributes (overlay.py), unless --no-overlays.
 
-The ImageId is the file name without its extension for files, the sample's `image_id` for shards.
+The ImageId is the file name without its extension for files, the source's image name for
+shards (Kaggle ImageId, COCO file name without extension). Images are decoded and resized by
+the data layer (eval_source.decode_for_test / iter_eval_samples: the training resize, at the
+test scale) and the model pastes masks at the original size.
 
 The grid of a file is its pixels as stored: an EXIF orientation tag is NOT applied, because
 Kaggle's Height/Width (and the masks of train.csv) describe the stored pixel grid, and the model
 was trained on stored grids too (shard build applies an orientation only when it is what makes
 an image fit its annotated grid). A file that cannot be read or decoded (empty, truncated, not
 an image) is reported on the console and in `skipped.json` (`[{"image_id", "source", "reason"}]`),
-gets no row, prediction or overlay, and the run goes on; the exit code is 0 when at least one
-image was predicted.
+gets no prediction or overlay (and no row, or the sample's row with --sample-submission), and
+the run goes on; the exit code is 0 when at least one image was predicted.
 
---tta: every image is run at each of --tta-scales (the model's resize target min_size/max_size
-scaled) and, per scale, also horizontally flipped (flipped back after). All passes' detections
-are pooled and merged per class: the highest-scoring remaining detection opens a cluster that
-takes every remaining detection of its class with box IoU >= the model's nms_thresh. A cluster
-becomes one detection: score = (sum over passes of the cluster's best score in that pass) /
-number of passes (a detection found by one pass of six keeps a sixth of its score), box =
-score-weighted mean of the members' boxes, mask probabilities and attribute scores = mean over
-members. At most detections_per_img merged detections are kept.
+--tta: every test image is also run rescaled by each of --tta-scales (antialiased bilinear) and,
+per scale, also horizontally flipped (flipped back after), all on the test image's grid. All
+passes' detections are pooled and merged per class: the highest-scoring remaining detection
+opens a cluster that takes every remaining detection of its class with box IoU >= the model's
+nms_thresh. A cluster becomes one detection: score = (sum over passes of the cluster's best
+score in that pass) / number of passes (a detection found by one pass of six keeps a sixth of
+its score), box = score-weighted mean of the members' boxes, mask probabilities and attribute
+scores = mean over members. At most detections_per_img merged detections are kept.
 """
 from __future__ import annotations
 
@@ -54,19 +65,22 @@ class InputError(ValueError):
 @dataclass
 class Item:
     image_key: str                      # submission ImageId
+    image_id: int                       # the source's integer id (shards); files: numbered after the shards' ids
     source: str                         # for messages
-    load: Callable[[], torch.Tensor]    # float [3, H, W] on the stored grid
-    orig_size: tuple[int, int] | None   # (h, w) of the original grid; None: the decoded grid
+    load: Callable[[], tuple[torch.Tensor, tuple[int, int]]]  # (uint8 image at the test scale, original (H, W))
 
 
-def collect_inputs(inputs: list[str], split: str | None = None) -> tuple[list[Item] | Iterator[Item], int]:
+def collect_inputs(inputs: list[str], split: str | None = None, *, test_size: int = 800,
+                   max_size: int = 1333) -> tuple[Iterator[Item], int]:
     """INPUT paths -> (items in order, count). Shards stream lazily; files are listed up front."""
+    from fashionseg.data.eval_source import decode_for_test, iter_eval_samples
     from fashionseg.data.shards.manifest import MANIFEST_NAME
-    from fashionseg.data.shards.reader import iter_split, read_manifest
+    from fashionseg.data.shards.reader import read_manifest
 
     plans: list = []
     total = 0
-    ids: dict[str, str] = {}  # ImageId (shards: the sample key, its tar-safe form) -> where
+    ids: dict[str, str] = {}  # ImageId -> where
+    shard_ids: set[int] = set()
 
     def claim(image_id: str, where: str) -> None:
         if image_id in ids:  # found before anything is written
@@ -87,9 +101,10 @@ def collect_inputs(inputs: list[str], split: str | None = None) -> tuple[list[It
                 if s not in manifest["splits"]:
                     raise InputError(f"{p}: no split '{s}' (has {', '.join(manifest['splits'])})")
                 total += manifest["splits"][s]["num_samples"]
-                for shard in manifest["splits"][s].get("shards", []):
-                    for sample in shard.get("samples", []):
-                        claim(str(sample["key"]), f"{p} [{s}]")
+                for shard in manifest["splits"][s]["shards"]:
+                    for sample in shard["samples"]:
+                        claim(str(sample.get("source_id", sample["key"])), f"{p} [{s}]")
+                        shard_ids.add(int(sample.get("image_id", 0)))
                 plans.append(("shards", p, s))
         elif p.is_dir():
             files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
@@ -104,16 +119,17 @@ def collect_inputs(inputs: list[str], split: str | None = None) -> tuple[list[It
         else:
             raise InputError(f"{p}: no such file or folder")
 
+    file_ids = iter(range(max(shard_ids, default=0) + 1, 2**62))  # never a shard's id
+
     def items() -> Iterator[Item]:
         seen: dict[str, str] = {}
         for kind, p, s in plans:
             if kind == "file":
-                stream = [Item(p.stem, str(p), lambda p=p: inf.decode_image(p), None)]
+                stream = [Item(p.stem, next(file_ids), str(p), lambda p=p: decode_for_test(p, test_size, max_size))]
             else:
-                stream = (Item(str(meta.get("image_id", key)), f"{p} [{s}] sample {key}",
-                               lambda jpg=jpg, key=key: inf.decode_image(jpg, key),
-                               (int(meta.get("orig_height", meta["height"])), int(meta.get("orig_width", meta["width"]))))
-                          for key, jpg, meta in iter_split(p, s))
+                stream = (Item(str(e.meta.get("source_id", e.key)), e.image_id, f"{p} [{s}] sample {e.key}",
+                               lambda e=e: (e.image, e.original_size))
+                          for e in iter_eval_samples(p, s, test_size=test_size, max_size=max_size))
             for item in stream:
                 if item.image_key in seen:
                     raise InputError(f"ImageId '{item.image_key}' appears twice: {seen[item.image_key]} and {item.source}")
@@ -161,24 +177,31 @@ def merge_passes(outputs: list[dict], iou_thresh: float, max_dets: int) -> dict:
     return {k: v[keep] for k, v in out.items()}
 
 
+def _rescale(im: torch.Tensor, s: float) -> torch.Tensor:
+    """uint8 [3, h, w] scaled by `s` (antialiased bilinear, the kind of resize the data layer uses)."""
+    if s == 1.0:
+        return im
+    h, w = im.shape[-2:]
+    size = (max(8, round(h * s)), max(8, round(w * s)))
+    out = torch.nn.functional.interpolate(im[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+    return out[0].round().clamp(0, 255).to(torch.uint8)
+
+
 @torch.no_grad()
 def tta_outputs(net: torch.nn.Module, images: list[torch.Tensor], scales=DEFAULT_TTA_SCALES, hflip: bool = True) -> list[dict]:
-    """Run `net` (an unwrapped FashionMaskRCNN) over scales x flips and merge per image."""
-    t = net.transform
-    base_min, base_max = tuple(t.min_size), t.max_size
+    """Run `net` (an unwrapped FashionMaskRCNN) over scales x flips and merge per image, on the
+    grid of the test images given."""
+    sizes = [tuple(im.shape[-2:]) for im in images]
     per_image: list[list[dict]] = [[] for _ in images]
-    try:
-        for s in scales:
-            t.min_size = tuple(max(8, round(v * s)) for v in base_min)
-            t.max_size = max(8, round(base_max * s))
-            batch = list(images) + ([im.flip(-1) for im in images] if hflip else [])
-            outs = [{k: v.cpu() for k, v in o.items()} for o in inf.forward_by_shape(net, batch)]
-            for i, im in enumerate(images):
-                per_image[i].append(outs[i])
-                if hflip:
-                    per_image[i].append(_unflip(outs[len(images) + i], im.shape[-1]))
-    finally:
-        t.min_size, t.max_size = base_min, base_max
+    for s in scales:
+        scaled = [_rescale(im, s) for im in images]
+        batch = scaled + ([im.flip(-1) for im in scaled] if hflip else [])
+        outs = inf.forward_by_shape(net, batch, sizes + (sizes if hflip else []))
+        outs = [inf.output_on_grid({k: v.cpu() for k, v in o.items()}, size) for o, size in zip(outs, sizes + sizes)]
+        for i, size in enumerate(sizes):
+            per_image[i].append(outs[i])
+            if hflip:
+                per_image[i].append(_unflip(outs[len(images) + i], size[1]))
     rh = net.roi_heads
     return [merge_passes(p, rh.nms_thresh, rh.detections_per_img) for p in per_image]
 
@@ -198,11 +221,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-attributes", type=int, default=3, help="attribute names per instance on overlays")
     p.add_argument("--no-overlays", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--sample-submission", default=None, metavar="FILE",
+                   help="the competition's sample_submission.csv: submission.csv then lists every ImageId of it, in "
+                        "its order; an image without detections gets the sample's own row (submission.py)")
+    inf.add_scale_arguments(p)
 
 
 def predict(model, vocab, items, total: int, out_dir: Path, *, mask_thresh: float, attr_thresh: float = 0.5,
             batch_size: int = 2, device="cpu", tta: bool = False, tta_scales=DEFAULT_TTA_SCALES,
-            overlays: bool = True, top_attributes: int = 3, progress: bool = True, on_skip=None) -> dict:
+            overlays: bool = True, top_attributes: int = 3, progress: bool = True, on_skip=None,
+            sample_submission: str | Path | None = None) -> dict:
     """The predict pipeline on an already loaded model; returns a summary dict.
 
     Images that fail to load are left out and listed in the summary's `skipped` (and
@@ -210,59 +238,72 @@ def predict(model, vocab, items, total: int, out_dir: Path, *, mask_thresh: floa
     from PIL import Image
 
     from fashionseg.data.shards.manifest import safe_key
+    from fashionseg.eval.coco import segm_results
     from fashionseg.eval.evaluate import progress_bar
     from fashionseg.eval.overlay import draw_overlay, save_png
-    from fashionseg.eval.submission import image_rows, write_submission
+    from fashionseg.eval.submission import align_to_sample, image_rows, read_sample, write_submission
     from fashionseg.io import atomic_write_json
     from fashionseg.model.build import unwrap
 
+    sample = read_sample(sample_submission) if sample_submission else None  # a bad file fails before the model runs
     net = unwrap(model).eval()
     results: list[dict] = []
     rows: list[tuple] = []
     skipped: list[dict] = []
-    n_images = 0
+    images_meta: list[dict] = []
     t0 = time.perf_counter()
     with progress_bar(progress, "predict", total) as advance, torch.no_grad():
         for batch in inf.batched(items, batch_size):
             n_batch = len(batch)
-            images, loaded = [], []
+            loaded = []
             for it in batch:
                 try:
-                    images.append(it.load())
-                    loaded.append(it)
+                    loaded.append((it, *it.load()))
                 except ValueError as e:  # unreadable / undecodable: report, skip, go on
                     skipped.append({"image_id": it.image_key, "source": it.source, "reason": str(e)})
                     if on_skip is not None:
                         on_skip(skipped[-1])
-            batch = loaded
-            if not batch:
+            if not loaded:
                 advance(n_batch)
                 continue
-            dev_images = [im.to(device) for im in images]
-            outputs = tta_outputs(net, dev_images, tta_scales) if tta else inf.forward_by_shape(net, dev_images)
-            for it, im, out in zip(batch, images, outputs):
-                size = it.orig_size or tuple(im.shape[-2:])
-                res = inf.outputs_to_results(out, n_images, vocab, mask_thresh=mask_thresh, attr_thresh=attr_thresh,
+            dev_images = [im.to(device) for _, im, _ in loaded]
+            sizes = [size for _, _, size in loaded]
+            outputs = tta_outputs(net, dev_images, tta_scales) if tta else inf.forward_by_shape(net, dev_images, sizes)
+            for (it, im, size), out in zip(loaded, outputs):
+                image_id = it.image_id
+                images_meta.append({"id": int(image_id), "file_name": it.image_key, "height": int(size[0]),
+                                    "width": int(size[1]), "source": it.source})
+                res = inf.outputs_to_results(out, image_id, vocab, mask_thresh=mask_thresh, attr_thresh=attr_thresh,
                                              out_size=size, image_key=it.image_key)
                 results += res
                 rows += image_rows(it.image_key, res)
                 if overlays:
-                    pil = Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+                    pil = Image.fromarray(im.permute(1, 2, 0).cpu().numpy())
                     if pil.size != (size[1], size[0]):
                         pil = pil.resize((size[1], size[0]), Image.BILINEAR)
                     save_png(out_dir / "overlays" / f"{safe_key(it.image_key)}.png",
                              draw_overlay(pil, res, vocab, top_attributes=top_attributes))
-                n_images += 1
             advance(n_batch)
     seconds = time.perf_counter() - t0
-    atomic_write_json(out_dir / "predictions.json", results, indent=None)
+    ids = [m["id"] for m in images_meta]
+    if len(set(ids)) != len(ids):  # two shard sets of different sources
+        raise InputError("two inputs share an image id (each shard set keeps its source's ids): "
+                         "predict them into separate --out folders")
+    atomic_write_json(out_dir / "predictions.json", segm_results(results), indent=None)
+    atomic_write_json(out_dir / "images.json", {"images": images_meta,
+                                                "categories": [dict(c) for c in vocab.categories],
+                                                "attributes": [dict(a) for a in vocab.attributes]})
+    aligned = None
+    if sample is not None:
+        rows, aligned = align_to_sample(rows, sample, [m["file_name"] for m in images_meta])
     n_rows = write_submission(out_dir / "submission.csv", rows)
     if skipped:
         atomic_write_json(out_dir / "skipped.json", skipped)
     elif (out_dir / "skipped.json").exists():  # from an earlier run into the same folder
         (out_dir / "skipped.json").unlink()
-    return {"images": n_images, "detections": len(results), "submission_rows": n_rows, "seconds": seconds,
-            "images_per_second": inf.images_per_second(n_images, seconds), "skipped": skipped}
+    return {"images": len(images_meta), "detections": len(results), "submission_rows": n_rows, "seconds": seconds,
+            "images_per_second": inf.images_per_second(len(images_meta), seconds), "skipped": skipped,
+            "sample_submission": aligned}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -271,6 +312,7 @@ def run(args: argparse.Namespace) -> int:
 
     from fashionseg.data.shards.manifest import ManifestError
     from fashionseg.data.shards.reader import ShardError
+    from fashionseg.eval.submission import SubmissionError
     console = Console(stderr=True)
     if args.batch_size < 1:
         console.print("[red]error:[/] --batch-size must be >= 1")
@@ -278,15 +320,16 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
-        items, total = collect_inputs(args.inputs, args.split)
-        model, vocab, model_cfg = inf.load_weights(args.weights, device)
+        model, vocab, model_cfg, config = inf.load_for_inference(args.weights, device)
+        test_size, max_size = inf.inference_scale(config, args.test_size, args.max_size)
+        items, total = collect_inputs(args.inputs, args.split, test_size=test_size, max_size=max_size)
         mask_thresh = inf.apply_postprocess(model, model_cfg, args)["mask_thresh"]
         summary = predict(model, vocab, items, total, out_dir, mask_thresh=mask_thresh, attr_thresh=args.attr_thresh,
                           batch_size=args.batch_size, device=device, tta=args.tta, tta_scales=tuple(args.tta_scales),
                           overlays=not args.no_overlays, top_attributes=args.top_attributes,
-                          progress=not args.no_progress,
+                          progress=not args.no_progress, sample_submission=args.sample_submission,
                           on_skip=lambda e: console.print(f"[yellow]skipped:[/] {escape(e['reason'])}", highlight=False))
-    except (InputError, inf.WeightsError, ManifestError, ShardError, ValueError) as e:
+    except (InputError, inf.WeightsError, ManifestError, ShardError, SubmissionError, ValueError) as e:
         console.print(f"[red]error:[/] {escape(str(e))}")
         return 1
     console.print(f"{summary['images']} images, {summary['detections']} detections, {summary['submission_rows']} "
@@ -294,6 +337,16 @@ def run(args: argparse.Namespace) -> int:
     if summary["skipped"]:
         console.print(f"[yellow]{len(summary['skipped'])} image(s) could not be read and were skipped[/] "
                       f"(no rows, predictions or overlays): listed in {escape(str(out_dir / 'skipped.json'))}")
+    aligned = summary["sample_submission"]
+    if aligned:
+        console.print(f"submission.csv follows {escape(str(args.sample_submission))}: {aligned['images']} ImageIds, "
+                      f"{len(aligned['placeholder'])} with the sample's own row (no detections or not predicted)")
+        if aligned["not_predicted"]:
+            console.print(f"[yellow]{len(aligned['not_predicted'])} ImageId(s) of the sample were not among the inputs[/] "
+                          f"(e.g. {escape(', '.join(aligned['not_predicted'][:3]))}): they keep the sample's row")
+        if aligned["extra"]:
+            console.print(f"[yellow]{len(aligned['extra'])} predicted image(s) are not in the sample and were left out "
+                          f"of submission.csv[/] (e.g. {escape(', '.join(aligned['extra'][:3]))})")
     if summary["images"] == 0 and summary["skipped"]:
         console.print("[red]error:[/] no image could be read")
         return 1

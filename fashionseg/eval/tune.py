@@ -83,8 +83,11 @@ class CachedImage:
 
 @torch.no_grad()
 def cache_split(model, shard_dir, split: str, vocab: Vocab, *, min_score: float, cache_dets: int, batch_size: int,
-                device, max_images: int | None = None, progress: bool = True) -> tuple[dict, list[CachedImage]]:
-    """Run the model once with loose post-processing -> (GT dict, cached detections per image)."""
+                device, test_size: int, max_size: int, grid: str = "original", max_images: int | None = None,
+                progress: bool = True) -> tuple[dict, list[CachedImage]]:
+    """Run the model once with loose post-processing -> (GT dict, cached detections per image),
+    through the data layer as `eval` does (same test resize, same grid, the source's image ids)."""
+    from fashionseg.data.eval_source import ground_truth, iter_eval_samples
     from fashionseg.eval.evaluate import progress_bar
     from fashionseg.model.build import set_postprocess, unwrap
 
@@ -92,28 +95,30 @@ def cache_split(model, shard_dir, split: str, vocab: Vocab, *, min_score: float,
     rh = net.roi_heads
     saved = (rh.score_thresh, rh.nms_thresh, rh.detections_per_img)
     set_postprocess(net, score_thresh=min_score, nms_thresh=1.0, detections_per_img=cache_dets)
-    samples, cache = [], []
+    cache = []
     try:
         total = inf.split_size(shard_dir, split, max_images)
+        samples = iter_eval_samples(shard_dir, split, test_size=test_size, max_size=max_size, max_images=max_images)
         with progress_bar(progress, f"cache {split}", total) as advance:
-            for batch in inf.batched(inf.iter_rank_samples(shard_dir, split, 0, 1, max_images), batch_size):
-                outs = inf.forward_by_shape(net, [inf.decode_image(jpg, key).to(device) for _, key, jpg, _ in batch])
-                for (index, key, _, meta), out in zip(batch, outs):
-                    samples.append((key, meta))
-                    cache.append(CachedImage(index, out, (int(meta["height"]), int(meta["width"]))))
+            for batch in inf.batched(samples, batch_size):
+                sizes = [s.original_size if grid == "original" else s.stored_size for s in batch]
+                outs = inf.forward_by_shape(net, [s.image.to(device) for s in batch], sizes)
+                for s, out, size in zip(batch, outs, sizes):
+                    out = inf.output_on_grid({k: v.cpu() for k, v in out.items()}, size)
+                    cache.append(CachedImage(s.image_id, out, size))
                 advance(len(batch))
     finally:
         set_postprocess(net, score_thresh=saved[0], nms_thresh=saved[1], detections_per_img=saved[2])
-    return coco_lib.gt_from_samples(samples, vocab), cache
+    return ground_truth(shard_dir, split, grid=grid, max_images=max_images), cache
 
 
 def metric_of(gt_coco, results: list[dict], metric: str) -> float:
     if metric == "iou_f1":
         from fashionseg.eval.fashionpedia import fashionpedia_evaluate
 
-        v = fashionpedia_evaluate(gt_coco, results, "segm")["AP"]
+        v = fashionpedia_evaluate(gt_coco, coco_lib.segm_results(results), "segm", per_category=False)["iou_f1"]["AP"]
     else:
-        v = coco_lib.coco_evaluate(gt_coco, results, metric)["AP"]
+        v = coco_lib.coco_evaluate(gt_coco, coco_lib.segm_results(results) if metric == "segm" else results, metric)["AP"]
     return -1.0 if v is None else float(v)
 
 
@@ -176,6 +181,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-images", type=int, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--grid", choices=("original", "stored"), default="original", help="as `fashionseg eval --grid`")
+    inf.add_scale_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -199,13 +206,15 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"{args.config}: cannot read the config ({e})") from e
             if not isinstance(base, dict):
                 raise ValueError(f"{args.config}: not a YAML mapping")
-        model, vocab, model_cfg = inf.load_weights(args.weights, device)
+        model, vocab, model_cfg, config = inf.load_for_inference(args.weights, device)
+        test_size, max_size = inf.inference_scale(config, args.test_size, args.max_size)
         if base is None:
-            base = dict(torch.load(args.weights, map_location="cpu", weights_only=True)["config"])
+            base = dict(config)
         inf.check_same_vocab(vocab, Vocab.from_dict(read_manifest(args.shards)), str(args.shards))
         t0 = time.perf_counter()
         gt, cache = cache_split(model, args.shards, args.split, vocab, min_score=min(args.scores),
                                 cache_dets=args.cache_dets, batch_size=args.batch_size, device=device,
+                                test_size=test_size, max_size=max_size, grid=args.grid,
                                 max_images=args.max_images, progress=not args.no_progress)
         trials = search(gt, cache, vocab, metric=args.metric, scores=args.scores, nms_values=args.nms,
                         mask_values=args.masks, max_dets=model_cfg.detections_per_img, attr_thresh=args.attr_thresh,

@@ -1,6 +1,6 @@
-"""QA regressions for `fashionseg eval` / `predict` found through the real CLI: images users bring
-(16-bit PNG, CMYK, greyscale, EXIF-rotated, odd sizes, empty or truncated files), ImageId
-clashes, and evaluation under `accelerate launch` on a machine without a GPU."""
+"""`fashionseg eval` / `predict` on what users bring, through the real CLI: images (16-bit PNG,
+CMYK, greyscale, EXIF-rotated, odd sizes, empty or truncated files), ImageId clashes, tuned
+thresholds, and evaluation under `accelerate launch` on a machine without a GPU."""
 from __future__ import annotations
 
 import csv
@@ -49,22 +49,24 @@ def weights(synth_shards, tmp_path_factory):
 
 
 # -- decoding ---------------------------------------------------------------------------------------
-def test_decode_image_scales_16_bit_png_and_names_empty_files(tmp_path):
+def test_test_decode_scales_16_bit_png_and_names_empty_files(tmp_path):
     """A 16-bit PNG decoded to uint16 was divided by 255 (values up to 257); an empty file raised
-    torch's 'buffer length (0)' without the file's name."""
+    torch's 'buffer length (0)' without the file's name. Predict decodes through the data layer."""
+    from fashionseg.data.eval_source import decode_for_test
+
     rng = np.random.default_rng(0)
     grey8 = (rng.random((9, 7)) * 255).astype(np.uint8)
-    Image.fromarray(grey8.astype(np.uint16) * 257).save(tmp_path / "g16.png")  # 257 * v: exactly v / 255
-    img = inf.decode_image(tmp_path / "g16.png")
-    assert img.shape == (3, 9, 7) and float(img.max()) <= 1.0
-    np.testing.assert_allclose(img.numpy(), np.broadcast_to(grey8 / 255.0, (3, 9, 7)), atol=1e-6)
+    Image.fromarray(grey8.astype(np.uint16) * 257).save(tmp_path / "g16.png")  # 257 * v: exactly v
+    img, size = decode_for_test(tmp_path / "g16.png", 7, 9)  # the test scale of its own size: no resize
+    assert img.dtype == torch.uint8 and img.shape == (3, 9, 7) and size == (9, 7)
+    np.testing.assert_array_equal(img.numpy(), np.broadcast_to(grey8, (3, 9, 7)))
 
     (tmp_path / "empty.jpg").write_bytes(b"")
-    with pytest.raises(ValueError, match="empty.jpg: empty file"):
-        inf.decode_image(tmp_path / "empty.jpg")
+    with pytest.raises(ValueError, match="empty.jpg"):
+        decode_for_test(tmp_path / "empty.jpg", 7, 9)
     (tmp_path / "text.jpg").write_text("hello")
-    with pytest.raises(ValueError, match="text.jpg: not an image"):
-        inf.decode_image(tmp_path / "text.jpg")
+    with pytest.raises(ValueError, match="text.jpg"):
+        decode_for_test(tmp_path / "text.jpg", 7, 9)
 
 
 # -- predict on what users bring --------------------------------------------------------------------
@@ -184,7 +186,8 @@ def _bad_rank_worker(rank: int, world: int, port: int, weights: str, shards: str
     try:
         model, vocab, _ = inf.load_weights(weights, "cpu")
         try:
-            evaluate_model(model, shards, "val", vocab, mask_thresh=0.5, batch_size=1, device="cpu", progress=False)
+            evaluate_model(model, shards, "val", vocab, mask_thresh=0.5, batch_size=1, device="cpu", test_size=64,
+                           max_size=96, progress=False)
             msg = "no error"
         except ValueError as e:
             msg = str(e)
@@ -240,17 +243,19 @@ def test_tuned_config_is_what_eval_then_scores(weights, synth_shards, tmp_path):
 def test_category_table_fits_80_columns():
     from rich.console import Console
 
-    from fashionseg.eval.coco import category_table
+    from fashionseg.eval.tables import category_table
 
     vocab = Vocab.default()
     metrics = {"gt_counts": {"1": 3, "5": 2}, "bbox": {"per_category": {"1": {"AP": 0.5, "AP50": 0.75}}},
-               "segm": {"per_category": {"1": {"AP": 0.25, "AP50": 1.0}}}, "iou_f1": {"per_category": {"1": {"AP": 0.125}}}}
+               "segm": {"per_category": {"1": {"AP": 0.25, "AP50": 1.0}}},
+               "fashionpedia_per_category": {"1": {"iou_f1": {"AP": 0.125}}, "5": {"iou_only": {"AP": 0.5}}}}
     console = Console(width=80, record=True)
-    console.print(category_table(metrics, vocab))
+    console.print(category_table(metrics, vocab.categories))
     lines = console.export_text().splitlines()
     body = [l for l in lines if l.startswith("│")]
     assert len(body) == 2, "one line per category with ground truth"
     assert body[0].rstrip().endswith("12.5 │") and all(len(l) <= 80 for l in lines)
+    assert body[1].rstrip().endswith("50.0* │")  # no attributes: the IoU-only AP, marked
 
 
 def test_shard_set_given_twice_is_refused_up_front_and_brackets_survive(weights, synth_shards, tmp_path, capsys):
@@ -271,7 +276,7 @@ def test_detections_do_not_depend_on_batch_partners(weights, synth_shards):
     sizes = {(s["height"], s["width"]) for sh in read_manifest(synth_shards)["splits"]["val"]["shards"] for s in sh["samples"]}
     assert len(sizes) > 1, "the split must mix image sizes"
     model, vocab, _ = inf.load_weights(weights, "cpu")
-    runs = [run_split(model, synth_shards, "val", vocab, mask_thresh=0.5, batch_size=b, device="cpu", progress=False)[1]
-            for b in (1, 3)]
+    runs = [run_split(model, synth_shards, "val", vocab, mask_thresh=0.5, batch_size=b, device="cpu", test_size=64,
+                      max_size=96, progress=False)[0] for b in (1, 3)]
     assert len(runs[0]) == 6 * 3
     assert runs[0] == runs[1]  # scores, boxes, RLE masks, attributes: identical
