@@ -48,9 +48,9 @@ def prepare_shards(work: Path, images: int, size: int, seed: int) -> Path:
 
 def hard_categories(shards: Path) -> tuple[list[int], dict]:
     """Rarest third and smallest third of the categories of the training split (source ids)."""
-    from fashionseg.eval.coco import gt_from_shards
+    from fashionseg.data.eval_source import ground_truth
 
-    gt = gt_from_shards(shards, "train")
+    gt = ground_truth(shards, "train", grid="stored")
     counts: dict[int, int] = {}
     areas: dict[int, list[float]] = {}
     for a in gt["annotations"]:
@@ -104,9 +104,11 @@ def evaluate(run: Path, shards: Path, hard: list[int], args) -> dict:
 
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, vocab, model_cfg = inf.load_weights(run / "model_final.pth", device)
-    m = evaluate_model(model, shards, "val", vocab, mask_thresh=model_cfg.mask_thresh, batch_size=4,
-                       device=device, max_images=args.eval_images, iou_f1=False, progress=False)
+    loaded = inf.load_for_inference(run / "model_final.pth", device)
+    test_size, max_size = inf.inference_scale(loaded[3])
+    m = evaluate_model(loaded[0], shards, "val", loaded[1], mask_thresh=loaded[2].mask_thresh, batch_size=4,
+                       device=device, max_images=args.eval_images, iou_f1=False, progress=False,
+                       test_size=test_size, max_size=max_size)
     per_cat = m["segm"]["per_category"]
 
     def mean_ap(cats) -> float:

@@ -28,22 +28,28 @@ def split_size(shard_dir, split: str) -> int:
 def evaluate_during_training(trainer: "Trainer") -> dict[str, float]:
     """COCO bbox/segm AP and AP^{IoU+F1} of the current weights on `eval.split` (every rank takes part)."""
     from fashionseg.eval.evaluate import evaluate_model, headline
+    from fashionseg.eval.inference import inference_scale
 
     e, step, epoch = trainer.cfg.eval, trainer.state.step, trainer.data.last_epoch
+    test_size, max_size = inference_scale(trainer.cfg.to_dict())
     model = trainer.unwrapped
     model.eval()
     try:
         result = evaluate_model(model, trainer.opts.shards, e.split, trainer.vocab, mask_thresh=trainer.cfg.model.mask_thresh,
                                 batch_size=e.batch_size, device=trainer.device, accelerator=trainer.accelerator,
-                                max_images=e.max_images,
+                                max_images=e.max_images, test_size=test_size, max_size=max_size,
                                 progress=trainer.accelerator.is_main_process and sys.stdout.isatty())
     finally:
         model.train()
     result = result or {}
+    if result.get("empty"):
+        trainer.say(f"eval: split '{e.split}' has no images; nothing to evaluate")
+        return {}
     head = headline(result)
     summary = {sec: {k: v for k, v in d.items() if k != "per_category"}
-               for sec, d in result.items() if sec in ("bbox", "segm", "iou_f1") and d}
-    flat = {f"eval/{k}": v for k, v in {**head, **_flat_numbers(summary)}.items()}
+               for sec, d in result.items() if sec in ("bbox", "segm", "iou_f1", "f1_only") and d}
+    # TensorBoard tags take [A-Za-z0-9_./-]: AR@100 -> AR_at100
+    flat = {f"eval/{k}".replace("@", "_at"): v for k, v in {**head, **_flat_numbers(summary)}.items()}
     trainer.logger.write_row({"step": step, "epoch": epoch, **flat}, step)
     trainer.say(f"eval ({e.split}, step {step}): " + "  ".join(f"{k}={v:.4f}" for k, v in head.items()))
     return flat
