@@ -218,6 +218,17 @@ def _accelerator(device: str | None):
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    finally:
+        # every rank leaves together: a rank that tears gloo down while rank 0 still writes aborts
+        # the job ("terminate called without an active exception", exit -6)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+
+def _run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.markup import escape
 

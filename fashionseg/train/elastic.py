@@ -15,7 +15,7 @@ All of it is printed at resume.
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,11 +24,8 @@ from fashionseg.train.config import TrainConfig
 from fashionseg.train.distributed import resolved_lr
 from fashionseg.train.schedule import LRFactor
 
-if TYPE_CHECKING:
-    from fashionseg.train.loop import Trainer
 
-
-def resume_on_new_layout(trainer: "Trainer", meta: dict[str, Any]) -> None:
+def resume_on_new_layout(trainer, meta: dict[str, Any]) -> None:
     t, step, loader = trainer.cfg.train, trainer.state.step, trainer.loader
     old_t = TrainConfig(**{**meta["config"]["train"], "batch_sizes": None})
     old_global = sum(meta["batch_sizes"]) * old_t.accumulate_steps

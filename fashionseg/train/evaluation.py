@@ -4,10 +4,7 @@ evaluation is skipped for the rest of the run."""
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from fashionseg.train.loop import Trainer
+from typing import Any
 
 
 def _flat_numbers(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -25,7 +22,7 @@ def split_size(shard_dir, split: str) -> int:
     return int(read_manifest(shard_dir)["splits"].get(split, {}).get("num_samples", 0))
 
 
-def evaluate_during_training(trainer: "Trainer") -> dict[str, float]:
+def evaluate_during_training(trainer) -> dict[str, float]:
     """COCO bbox/segm AP and AP^{IoU+F1} of the current weights on `eval.split` (every rank takes part)."""
     from fashionseg.eval.evaluate import evaluate_model, headline
     from fashionseg.eval.inference import inference_scale

@@ -15,16 +15,14 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from fashionseg.io import atomic_write_text
 from fashionseg.train import checkpoint as ckpt_lib
+from fashionseg.train.evaluation import split_size
 from fashionseg.train.step import StepOutput
-
-if TYPE_CHECKING:
-    from fashionseg.train.loop import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +32,11 @@ class TrainingError(RuntimeError):
 
 
 class Hook:
-    def before_train(self, trainer: "Trainer") -> None: ...
-    def after_step(self, trainer: "Trainer", out: StepOutput) -> None: ...
-    def after_train(self, trainer: "Trainer") -> None: ...
+    """Called by the Trainer (loop.py), which it receives as `trainer`."""
+
+    def before_train(self, trainer) -> None: ...
+    def after_step(self, trainer, out: StepOutput) -> None: ...
+    def after_train(self, trainer) -> None: ...
 
 
 class NonFiniteGuard(Hook):
@@ -228,7 +228,6 @@ class Evaluation(Hook):
         self.every_epochs, self.at_end = every_epochs, at_end
 
     def before_train(self, trainer):
-        from fashionseg.train.evaluation import split_size
         split = trainer.cfg.eval.split
         if (self.every_epochs or self.at_end) and split_size(trainer.opts.shards, split) == 0:
             self.every_epochs, self.at_end = 0, False

@@ -30,6 +30,8 @@ from fashionseg.train.backend import build_backend
 from fashionseg.train.config import Config
 from fashionseg.train.data_source import EpochStream, FixedBatches
 from fashionseg.train.distributed import Layout, available_trackers, build_accelerator, resolve_precision
+from fashionseg.train.elastic import resume_on_new_layout
+from fashionseg.train.evaluation import evaluate_during_training
 from fashionseg.train.hooks import TrainingError
 from fashionseg.train.logging import RunLogger, truncate_metrics
 from fashionseg.train.run_info import run_info
@@ -223,7 +225,6 @@ class Trainer:
         """Every part back from checkpoint `path`. On another layout (world size, per-rank batch
         sizes) the data position is re-planned (the loader's state is layout-free, the same on every
         rank), the per-rank RNG and miner start afresh and the schedule is re-derived (elastic.py)."""
-        from fashionseg.train.elastic import resume_on_new_layout
         state = ckpt_lib.read(path)
         meta, ranks = state["meta"], state["ranks"]
         same = meta["world_size"] == self.layout.world and meta["batch_sizes"] == self.layout.batch_sizes
@@ -261,7 +262,6 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """COCO bbox/segm AP and AP^{IoU+F1} on val with fashionseg.eval's evaluator (all ranks)."""
-        from fashionseg.train.evaluation import evaluate_during_training
         return evaluate_during_training(self)
 
     # .. the run ..................................................................................
