@@ -357,3 +357,33 @@ def test_broken_network_of_one_host_is_detected_and_the_run_recovers(tmp_path, n
     times = detect_times(out, [down])
     print(f"\nDRILL network down: detected after {times} s (failure on {failure['host']}, exit {failure['exit_code']})")
     assert times[0] < 60
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not trainer_has("record_samples"),
+                    reason="needs the trainer's elastic --resume and train.record_samples (issue 12 items 1-2)")
+def test_dropped_host_run_continues_elastically_and_trains_each_sample_once(tmp_path, synth_shards):
+    """kill -9 node-b's rank with --drop-failed-hosts 1: the run resumes on node-a alone (world 2 -> 1)."""
+    out = tmp_path / "run"
+    proc = start_launcher(hosts_yaml(tmp_path / "hosts.yaml", None), out, synth_shards,
+                          "--max-restarts", "1", "--restart-delay", "0", "--drop-failed-hosts", "1",
+                          train_args=["train.record_samples=true"])
+    wait_for(new_checkpoint(out, 0), 300, "the first checkpoint", proc, out)
+    wait_for(lambda: rank_proc(out, 1), 30, "rank 1", proc, out).kill()
+    log = finish(proc, out)
+    assert proc.returncode == 0, log[-6000:]
+    wait_for(lambda: not run_procs(out), 60, "every process of the run to end")
+    ev = events(out)
+    starts = [e for e in ev if e["event"] == "start"]
+    assert [(s["hosts"], s["world_size"]) for s in starts] == [(["node-a", "node-b"], 2), (["node-a"], 1)]
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    per_rank_steps: dict[tuple[int, int], int] = {}
+    seen: dict[int, list[str]] = {}
+    for r in rows:
+        key = (r["rank"], r["step"])
+        assert key not in per_rank_steps, f"step {r['step']} of rank {r['rank']} recorded twice (rows past the checkpoint kept)"
+        per_rank_steps[key] = 1
+        seen.setdefault(r["epoch"], []).extend(r["keys"])
+    for epoch, keys in seen.items():
+        assert len(keys) == len(set(keys)), f"epoch {epoch}: a sample was trained twice across the resume"
+    assert {e["step"] for e in ev if e["event"] == "done"} == {max(s for _, s in per_rank_steps)}
