@@ -18,6 +18,7 @@ import shlex
 import sys
 from dataclasses import dataclass, field
 
+from fashionseg.names import LOCAL_BATCH_ENV
 from launcher.hosts import Host, HostsFile
 
 DEFAULT_MODULE = "fashionseg.train"
@@ -85,7 +86,7 @@ def host_env(host: Host) -> dict[str, str]:
     if uses_cpu(host):  # Accelerator forms a gloo CPU group only when told to (accelerate launch --cpu)
         env["ACCELERATE_USE_CPU"] = "true"
     if host.batch_sizes is not None:
-        env["FASHIONSEG_LOCAL_BATCH_SIZES"] = ",".join(map(str, host.batch_sizes))
+        env[LOCAL_BATCH_ENV] = ",".join(map(str, host.batch_sizes))
     env.update(host.env)
     return env
 
