@@ -118,8 +118,14 @@ def _ssh_target(host: Host) -> str:
 
 def probe_command(host: Host, args: dict[str, Any]) -> tuple[list[str], dict[str, str], str | None]:
     """(argv, extra env, cwd) that runs PROBE on `host`."""
+    return host_command(host, ["-c", PROBE, json.dumps(args)])
+
+
+def host_command(host: Host, python_args: list[str]) -> tuple[list[str], dict[str, str], str | None]:
+    """(argv, extra env, cwd) that runs `<host's python> PYTHON_ARGS` on `host` in its workdir with
+    its environment (ssh without a tty for remote hosts)."""
     python = host.python or (sys.executable if host.is_local else "python3")
-    argv = [python, "-c", PROBE, json.dumps(args)]
+    argv = [python, *python_args]
     env = host_env(host)
     if host.is_local:
         return argv, env, host.workdir
