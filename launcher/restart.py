@@ -74,21 +74,19 @@ def reached_step(run_dir: Path, since: float = 0.0) -> int:
 class EventLog:
     """Appends one JSON line per event; each line is a single O_APPEND write (atomic on a local disk)."""
 
-    def __init__(self, path: Path | None, err=None):
+    def __init__(self, path: Path):
         self.path = path
-        self.err = err or sys.stderr
         self.events: list[dict[str, Any]] = []
 
     def add(self, kind: str, **fields: Any) -> dict[str, Any]:
         event = {"time": round(time.time(), 3), "event": kind, **fields}
         self.events.append(event)
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            try:
-                os.write(fd, (json.dumps(event) + "\n").encode())
-            finally:
-                os.close(fd)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, (json.dumps(event) + "\n").encode())
+        finally:
+            os.close(fd)
         return event
 
 
@@ -123,7 +121,9 @@ def supervise(hosts: HostsFile, train_args: list[str], target: Target, policy: R
     err = err or sys.stderr
     if run_dir is None and hosts.hosts[0].is_local:
         run_dir = run_dir_from_args(train_args, hosts.hosts[0].workdir)
-    log = EventLog(run_dir / EVENTS_FILE if run_dir is not None else None, err)
+    # a remote first host holds the run dir: the events go to the same path here, progress is unknown
+    events_dir = run_dir if run_dir is not None else run_dir_from_args(train_args, None)
+    log = EventLog(events_dir / EVENTS_FILE)
     history: dict[str, list[bool]] = {h.name: [] for h in hosts.hosts}   # per host: failed? per start
     layout, attempts, restarts = hosts, [], 0
     failure_time: float | None = None

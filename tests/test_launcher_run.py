@@ -106,6 +106,9 @@ def test_dying_rank_stops_every_host_without_orphans(tmp_path):
     pids = [int(p) for f in out.glob("pid-rank*") for p in f.read_text().split()]
     assert len(pids) == 4  # 2 workers + their torchrun agents
     assert_all_gone(pids)
+    events = [json.loads(line) for line in (out / "launcher_events.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events] == ["start", "failure", "give_up", "exit"]  # no --max-restarts: no restart
+    assert events[1]["host"] == "node-b" and events[2]["reason"] == "0 restart(s) used of --max-restarts 0"
 
 
 def alive(pids: list[int]) -> list[int]:
