@@ -100,6 +100,7 @@ class Attempt:
     ended: float | None = None
     failed_host: str | None = None
     rc: int | None = None
+    checkpoint_step: int | None = None
     lost_steps: int | None = None
     resumed_after: float | None = None     # seconds from the previous failure to this attempt's first new step
     reasons: list[str] = field(default_factory=list)
@@ -118,69 +119,104 @@ def supervise(hosts: HostsFile, train_args: list[str], target: Target, policy: R
     """Run the job, restarting up to `policy.max_restarts` times; 0 done, 1 failed, 130 interrupted."""
     from launcher.run import stop_signals
 
-    err = err or sys.stderr
     if run_dir is None and hosts.hosts[0].is_local:
         run_dir = run_dir_from_args(train_args, hosts.hosts[0].workdir)
-    # a remote first host holds the run dir: the events go to the same path here, progress is unknown
-    events_dir = run_dir if run_dir is not None else run_dir_from_args(train_args, None)
-    log = EventLog(events_dir / EVENTS_FILE)
-    history: dict[str, list[bool]] = {h.name: [] for h in hosts.hosts}   # per host: failed? per start
-    layout, attempts, restarts = hosts, [], 0
-    failure_time: float | None = None
+    s = _Supervisor(hosts, train_args, target, policy, grace, run_dir, out, err or sys.stderr)
     with stop_signals():
         try:
-            while True:
-                args = list(train_args)
-                if attempts and "--resume" not in args:
-                    args.append("--resume")
-                resume_step = checkpoint_step(run_dir) if run_dir is not None and attempts else 0
-                a = Attempt(len(attempts), [h.name for h in layout.hosts], layout.world_size, time.time(), resume_step)
-                attempts.append(a)
-                log.add("start", attempt=a.index, hosts=a.hosts, world_size=a.world_size, resume_step=resume_step)
-                tick = _progress_watch(a, run_dir, failure_time, log)
-                outcome = run_hosts(build_plan(layout, args, target), grace, out, err, on_tick=tick)
-                a.ended = time.time()
-                for h in layout.hosts:
-                    history[h.name].append(h.name == outcome.host)
-                if outcome.code == 0:
-                    log.add("done", attempt=a.index, step=reached_step(run_dir) if run_dir else None)
-                    return _finish(attempts, log, 0, err, policy)
-                failure_time = outcome.detected or time.time()
-                a.failed_host, a.rc = outcome.host, outcome.rc
-                reached = reached_step(run_dir) if run_dir is not None else None
-                ckpt = checkpoint_step(run_dir) if run_dir is not None else None
-                a.lost_steps = None if reached is None else reached - ckpt
-                log.add("failure", attempt=a.index, host=outcome.host, exit_code=outcome.rc,
-                        detected=round(failure_time, 3), last_line=outcome.last_line[-300:],
-                        reached_step=reached, checkpoint_step=ckpt, lost_steps=a.lost_steps)
-                while True:  # restart (possibly several times when hosts are unreachable)
-                    if restarts >= policy.max_restarts:
-                        log.add("give_up", reason=f"{restarts} restart(s) used of --max-restarts {policy.max_restarts}")
-                        return _finish(attempts, log, 1, err, policy)
-                    restarts += 1
-                    err.write(f"launcher: restart {restarts}/{policy.max_restarts} in {policy.delay:g} s "
-                              f"(host {outcome.host} failed with exit code {outcome.rc}; "
-                              f"{_lost(a.lost_steps)} since checkpoint step {ckpt})\n")
-                    err.flush()
-                    time.sleep(policy.delay)
-                    nxt, reasons, fatal = _next_layout(hosts, layout, history, policy)
-                    for r in reasons:
-                        err.write(f"launcher: {r}\n")
-                    a.reasons += reasons
-                    if fatal:
-                        log.add("give_up", reason=fatal, reasons=reasons)
-                        err.write(f"launcher: {fatal}\n")
-                        return _finish(attempts, log, 1, err, policy)
-                    if nxt is not None:
-                        layout = nxt
-                        break
-                    log.add("unreachable", restart=restarts, reasons=reasons)
-                log.add("restart", restart=restarts, reasons=reasons, downtime_s=round(time.time() - failure_time, 3),
-                        hosts=[h.name for h in layout.hosts], world_size=layout.world_size)
+            return s.run()
         except (KeyboardInterrupt, Interrupted):
-            log.add("interrupted")
-            _finish(attempts, log, 130, err, policy)
-            return 130
+            s.log.add("interrupted")
+            return s.finish(130)
+
+
+class _Supervisor:
+    """The state of one `launcher run`: its attempts, each host's start history, the event log."""
+
+    def __init__(self, hosts, train_args, target, policy, grace, run_dir, out, err):
+        self.hosts, self.train_args, self.target, self.policy = hosts, train_args, target, policy
+        self.grace, self.run_dir, self.out, self.err = grace, run_dir, out, err
+        # a remote first host holds the run dir: the events go to the same path here, progress is unknown
+        self.log = EventLog((run_dir or run_dir_from_args(train_args, None)) / EVENTS_FILE)
+        self.history: dict[str, list[bool]] = {h.name: [] for h in hosts.hosts}  # per host: failed? per start
+        self.attempts: list[Attempt] = []
+        self.restarts = 0
+
+    def run(self) -> int:
+        layout, failure_time = self.hosts, None
+        while True:
+            outcome = self.start(layout, failure_time)
+            if outcome.code == 0:
+                self.log.add("done", attempt=len(self.attempts) - 1, step=self._reached())
+                return self.finish(0)
+            failure_time = outcome.detected or time.time()
+            self.record_failure(outcome, failure_time)
+            layout = self.next_layout(layout, outcome)
+            if layout is None:
+                return self.finish(1)
+            self.log.add("restart", restart=self.restarts, reasons=self.attempts[-1].reasons,
+                         downtime_s=round(time.time() - failure_time, 3), hosts=[h.name for h in layout.hosts],
+                         world_size=layout.world_size)
+
+    def start(self, layout: HostsFile, failure_time: float | None):
+        """One start of every host in `layout` (with --resume after the first); its Outcome."""
+        args = list(self.train_args)
+        if self.attempts and "--resume" not in args:
+            args.append("--resume")
+        resume_step = checkpoint_step(self.run_dir) if self.run_dir is not None and self.attempts else 0
+        a = Attempt(len(self.attempts), [h.name for h in layout.hosts], layout.world_size, time.time(), resume_step)
+        self.attempts.append(a)
+        self.log.add("start", attempt=a.index, hosts=a.hosts, world_size=a.world_size, resume_step=resume_step)
+        tick = _progress_watch(a, self.run_dir, failure_time, self.log)
+        outcome = run_hosts(build_plan(layout, args, self.target), self.grace, self.out, self.err, on_tick=tick)
+        a.ended = time.time()
+        for h in layout.hosts:
+            self.history[h.name].append(h.name == outcome.host)
+        return outcome
+
+    def record_failure(self, outcome, detected: float) -> None:
+        a = self.attempts[-1]
+        a.failed_host, a.rc = outcome.host, outcome.rc
+        reached = self._reached()
+        a.checkpoint_step = checkpoint_step(self.run_dir) if self.run_dir is not None else None
+        a.lost_steps = None if reached is None else reached - a.checkpoint_step
+        self.log.add("failure", attempt=a.index, host=outcome.host, exit_code=outcome.rc, detected=round(detected, 3),
+                     last_line=outcome.last_line[-300:], reached_step=reached, checkpoint_step=a.checkpoint_step,
+                     lost_steps=a.lost_steps)
+
+    def next_layout(self, layout: HostsFile, outcome) -> HostsFile | None:
+        """Wait, check the hosts, choose who starts next; None when the run must stop."""
+        a, policy = self.attempts[-1], self.policy
+        while True:  # several rounds when hosts are unreachable and may not be left out
+            if self.restarts >= policy.max_restarts:
+                self.log.add("give_up", reason=f"{self.restarts} restart(s) used of --max-restarts {policy.max_restarts}")
+                return None
+            self.restarts += 1
+            self.say(f"restart {self.restarts}/{policy.max_restarts} in {policy.delay:g} s (host {outcome.host} "
+                     f"failed with exit code {outcome.rc}; {_lost(a.lost_steps)} since checkpoint step "
+                     f"{a.checkpoint_step})")
+            time.sleep(policy.delay)
+            nxt, reasons, fatal = _next_layout(self.hosts, layout, self.history, policy)
+            for r in reasons:
+                self.say(r)
+            a.reasons += reasons
+            if fatal:
+                self.log.add("give_up", reason=fatal, reasons=reasons)
+                self.say(fatal)
+                return None
+            if nxt is not None:
+                return nxt
+            self.log.add("unreachable", restart=self.restarts, reasons=reasons)
+
+    def say(self, msg: str) -> None:
+        self.err.write(f"launcher: {msg}\n")
+        self.err.flush()
+
+    def _reached(self) -> int | None:
+        return reached_step(self.run_dir) if self.run_dir is not None else None
+
+    def finish(self, code: int) -> int:
+        return _finish(self.attempts, self.log, code, self.err, self.policy)
 
 
 def _keep(hosts: HostsFile, names: list[str]) -> HostsFile:
