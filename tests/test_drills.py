@@ -140,11 +140,30 @@ def hosts_yaml(path: Path, sshd: Sshd | None, *, main_address: str = "127.0.0.2"
     return path
 
 
+_LAUNCHED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _stop_leftover_launchers():
+    """A drill that fails half-way must not leave its run behind: SIGTERM stops every host."""
+    yield
+    while _LAUNCHED:
+        proc = _LAUNCHED.pop()
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
 def start_launcher(hosts: Path, out: Path, shards: Path, *launcher_args: str, train_args=()) -> subprocess.Popen:
     log = open(out.parent / f"{out.name}.launcher.log", "w")
-    return subprocess.Popen([sys.executable, "-m", "launcher.cli", "run", str(hosts), "--grace", "5", *launcher_args,
-                             "--", *TRAIN_ARGS, "--shards", str(shards), "--out", str(out), *train_args],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
+    argv = [sys.executable, "-m", "launcher.cli", "run", str(hosts), "--grace", "5", *launcher_args,
+            "--", *TRAIN_ARGS, "--shards", str(shards), "--out", str(out), *train_args]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
+    _LAUNCHED.append(proc)
+    return proc
 
 
 def finish(proc: subprocess.Popen, out: Path, timeout: float = 400) -> str:
