@@ -269,7 +269,7 @@ class _Reader:
                 if knode.tag == "tag:yaml.org,2002:merge":
                     self.add(line, loc, "merge keys (<<) are not supported; put shared values under 'defaults:'")
                     continue
-                key = self.value(knode, loc + ("<key>",)) if isinstance(knode, ScalarNode) else None
+                key = self.value(knode, loc + ("<key>",))
                 if not isinstance(key, str):
                     self.add(line, loc, f"keys must be strings, got {_tname(key)}")
                     continue
