@@ -93,3 +93,23 @@ def test_calibrate_probes_each_host_on_cpu_and_writes_a_valid_copy(tmp_path):
     assert sorted(box.batch_sizes) == [3, 3]  # two identical "cards": the same share each
     assert out.read_text() == "# my rig\nhosts:\n  - name: box   # the only one\n    address: localhost\n" \
                               "    gpus: 2\n    batch_sizes: [3, 3]\n"
+
+
+@pytest.mark.gpu
+def test_probe_on_a_gpu_measures_memory_that_grows_with_the_batch():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from launcher.calibrate import curves_from_probe
+    from launcher.probe import probe
+
+    result = probe({"config": "configs/debug.yaml", "overrides": [], "batch_sizes": [1, 2, 4], "steps": 2, "warmup": 1,
+                    "num_classes": 47, "num_attributes": 294})
+    names = {torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())}
+    assert {d["name"] for d in result["devices"]} == names       # one probe per distinct GPU model
+    points = result["devices"][0]["points"]
+    assert [p["batch"] for p in points] == [1, 2, 4] and not any(p["oom"] for p in points)
+    peaks = [p["peak_memory"] for p in points]
+    assert 0 < peaks[0] < peaks[1] < peaks[2] < result["devices"][0]["total_memory"]
+    curve = curves_from_probe(result)[result["devices"][0]["name"]]
+    assert curve.max_batch() >= 4 and all(p["step_time"] > 0 for p in points)
