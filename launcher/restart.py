@@ -56,18 +56,27 @@ def reached_step(run_dir: Path, since: float = 0.0) -> int:
     samples.jsonl rows (only files modified after `since`, a time.time())."""
     last = checkpoint_step(run_dir) if since == 0.0 else 0
     for name in ("metrics.jsonl", "samples.jsonl"):
+        path = run_dir / name
         try:
-            if (run_dir / name).stat().st_mtime < since:
-                continue
-            lines = (run_dir / name).read_text().splitlines()
+            if path.stat().st_mtime >= since:
+                last = max(last, _last_step(path))
         except OSError:
             continue
-        for line in lines:
-            try:
-                last = max(last, int(json.loads(line).get("step", 0)))
-            except (ValueError, AttributeError, TypeError):
-                continue  # a line being written right now
     return last
+
+
+def _last_step(path: Path, tail: int = 1 << 16) -> int:
+    """`step` of the last complete row; rows are appended in step order, so only the tail is read
+    (samples.jsonl grows by one row per rank and step)."""
+    with open(path, "rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - tail))
+        lines = f.read().splitlines()
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line).get("step", 0))
+        except (ValueError, AttributeError, TypeError):
+            continue  # a line being written right now, or the cut first line of the tail
+    return 0
 
 
 # -- events -------------------------------------------------------------------------------------
