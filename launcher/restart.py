@@ -160,10 +160,14 @@ class _Supervisor:
                 return self.finish(0)
             failure_time = outcome.detected or time.time()
             self.record_failure(outcome, failure_time)
-            layout = self.next_layout(layout, outcome)
+            before, layout = layout, self.next_layout(layout, outcome)
             if layout is None:
                 return self.finish(1)
-            self.log.add("restart", restart=self.restarts, reasons=self.attempts[-1].reasons,
+            if layout is not before:
+                from launcher.plan import describe
+                self.say("new layout:\n" + "\n".join(describe(layout)))
+            self.log.add("restart", restart=self.restarts, cause=f"host {outcome.host} exited with code {outcome.rc}",
+                         reasons=self.attempts[-1].reasons,
                          downtime_s=round(time.time() - failure_time, 3), hosts=[h.name for h in layout.hosts],
                          world_size=layout.world_size)
 

@@ -49,7 +49,9 @@ def test_restarts_keep_the_layout_until_a_host_failed_k_times_then_run_on_withou
     assert [e["exit_code"] for e in ev if e["event"] == "failure"] == [1, 1]
     assert ev[2]["reasons"] == [] and ev[5]["reasons"] == [
         "host node-b failed its last 2 start(s)", "continuing without node-b: world size 2 -> 1"]
+    assert [e["cause"] for e in ev if e["event"] == "restart"] == ["host node-b exited with code 1"] * 2
     assert ev[6]["hosts"] == ["node-a"] and ev[-1]["code"] == 0
+    assert "launcher: new layout:\n# " in r.stderr and "node-a: ranks 0-0" in r.stderr
     assert all(e["downtime_s"] >= 0 for e in ev if e["event"] == "restart")
     info = json.loads((out / "rank0.json").read_text())
     assert info["world"] == 1 and info["resume"] is True  # restarted alone, with --resume
