@@ -12,8 +12,10 @@ import sys
 
 COMMANDS = {
     "plan": ("launcher.plan", "print the exact command every host will run"),
-    "run": ("launcher.run", "start every host, stream their logs, stop all when one fails"),
+    "run": ("launcher.run", "start every host, stream their logs, stop all when one fails "
+                            "(--max-restarts: then restart from the latest checkpoint)"),
     "doctor": ("launcher.doctor", "check every host: reachable, same code, GPUs supported, disk, shards, port"),
+    "calibrate": ("launcher.calibrate", "measure each card's step time per batch size; write balanced batch sizes"),
 }
 
 

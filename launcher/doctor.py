@@ -118,26 +118,43 @@ def _ssh_target(host: Host) -> str:
 
 def probe_command(host: Host, args: dict[str, Any]) -> tuple[list[str], dict[str, str], str | None]:
     """(argv, extra env, cwd) that runs PROBE on `host`."""
+    return host_command(host, ["-c", PROBE, json.dumps(args)])
+
+
+def host_command(host: Host, python_args: list[str]) -> tuple[list[str], dict[str, str], str | None]:
+    """(argv, extra env, cwd) that runs `<host's python> PYTHON_ARGS` on `host` in its workdir with
+    its environment (ssh without a tty for remote hosts)."""
     python = host.python or (sys.executable if host.is_local else "python3")
-    argv = [python, "-c", PROBE, json.dumps(args)]
+    argv = [python, *python_args]
     env = host_env(host)
     if host.is_local:
         return argv, env, host.workdir
     return _ssh_base(host) + [remote_command(argv, env, host.workdir)], {}, None
 
 
+def unreachable(host: Host, timeout: float = 30) -> str | None:
+    """Why `host` cannot be reached (`ssh ... true` fails), or None: the reachability check of doctor.
+
+    `launcher run --max-restarts` calls it before every restart."""
+    if host.is_local:
+        return None
+    try:
+        p = subprocess.run(_ssh_base(host) + ["true"], capture_output=True, text=True, timeout=timeout,
+                           stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return str(e)
+    if p.returncode != 0:
+        return (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
+    return None
+
+
 def gather(host: Host, args: dict[str, Any], timeout: float = 180) -> dict[str, Any]:
     """Facts about one host; {"reachable": False, "error": ...} when it cannot be asked."""
     import os
 
-    if not host.is_local:
-        try:
-            p = subprocess.run(_ssh_base(host) + ["true"], capture_output=True, text=True, timeout=30,
-                               stdin=subprocess.DEVNULL)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            return {"reachable": False, "error": str(e)}
-        if p.returncode != 0:
-            return {"reachable": False, "error": (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]}
+    error = unreachable(host)
+    if error is not None:
+        return {"reachable": False, "error": error}
     argv, env, cwd = probe_command(host, args)
     try:
         p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=cwd,

@@ -1,11 +1,10 @@
 """hosts.yaml: the rigs one training run spans, validated with file:line in every message.
 
-The file is read through PyYAML's composer (nodes carry their start marks) instead of
-`yaml.safe_load`, so a wrong key, a wrong type or a duplicate key is reported as
-`hosts.yaml:14: hosts[1].ssh_prot: unknown key (did you mean 'ssh_port'?)`. All problems of a
-file are collected and raised together as one `HostsError`.
-
-Schema (docs/launcher.md has the prose):
+The schema is a set of pydantic models (strict types, unknown keys forbidden). The file is read
+through PyYAML's composer instead of `yaml.safe_load`, so every value keeps its line: pydantic's
+errors are turned into `hosts.yaml:14: hosts[1].ssh_prot: unknown key (did you mean 'ssh_port'?)`.
+What pydantic cannot see (duplicate keys, merge keys, YAML tags) is caught while reading the
+nodes. All problems of a file are raised together as one `HostsError`.
 
     main_address: str      how the other hosts reach the first host (default: its address)
     main_port: int         rendezvous / TCPStore port on the first host (default 29500)
@@ -23,28 +22,24 @@ import difflib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-LOCAL_ADDRESSES = frozenset({"localhost", "127.0.0.1", "::1"})
-BACKENDS = ("ddp", "deepspeed")
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-RENDEZVOUS = ("static", "c10d")
+from fashionseg.names import BACKENDS, LOCAL_BATCH_ENV, PRECISIONS, Backend, Precision
 
-GLOBAL_KEYS = ("main_address", "main_port", "rendezvous", "rdzv_id", "backend", "precision",
-               "defaults", "hosts")
+LOCAL_ADDRESSES = frozenset({"localhost", "127.0.0.1", "::1"})
+RENDEZVOUS = ("static", "c10d")
 DEVICES = ("auto", "cuda", "cpu")
-HOST_KEYS = ("name", "address", "gpus", "device", "ssh_user", "ssh_port", "ssh_options", "batch_size",
-             "batch_sizes", "env", "python", "venv", "workdir", "log_dir")
-DEFAULT_KEYS = tuple(k for k in HOST_KEYS if k not in ("name", "address", "gpus", "batch_sizes"))
+CHOICES = {"rendezvous": RENDEZVOUS, "backend": BACKENDS, "precision": PRECISIONS, "device": DEVICES}
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Set by the launcher itself: a hosts.yaml value would be silently overwritten.
 # TORCH_ELASTIC_WORKER_IDENTICAL=1 makes torchrun assume equal process counts on every node.
-RESERVED_ENV = ("CUDA_VISIBLE_DEVICES", "FASHIONSEG_LOCAL_BATCH_SIZES", "RANK", "LOCAL_RANK",
+RESERVED_ENV = ("CUDA_VISIBLE_DEVICES", LOCAL_BATCH_ENV, "RANK", "LOCAL_RANK",
                 "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
                 "TORCH_ELASTIC_WORKER_IDENTICAL")
 
@@ -108,21 +103,142 @@ class HostsFile:
         raise KeyError(name)
 
 
+# -- schema ------------------------------------------------------------------------------------
+class _Tagged:
+    """A value with a YAML tag safe_load refuses (`!!python/...`): fails every type check."""
+
+    def __init__(self, tag: str):
+        self.tag = tag
+
+
+def _name(what: str, pattern: re.Pattern = _NAME_RE):
+    def check(v: str) -> str:
+        if not pattern.match(v):
+            raise ValueError(f"{v!r} is not a valid {what}")
+        return v
+    return AfterValidator(check)
+
+
+def _env_name(k: str) -> str:
+    if not _ENV_RE.match(k):
+        raise ValueError("not a valid environment variable name ([A-Za-z_][A-Za-z0-9_]*)")
+    if k in RESERVED_ENV:
+        raise ValueError("set by the launcher itself (use 'gpus' / 'batch_size(s)' instead)")
+    return k
+
+
+def _env_value(v: Any) -> str:
+    if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+        raise ValueError(f"expected a string or number, got {_tname(v)} (quote it: \"...\")")
+    return str(v)
+
+
+def _gpus(v: Any) -> Any:
+    if isinstance(v, int) and not isinstance(v, bool):
+        if v < 1:
+            raise ValueError(f"a GPU count must be >= 1, got {v}")
+        return list(range(v))
+    if not isinstance(v, list):
+        raise ValueError(f"expected a list of GPU ids ([0, 1]) or a count (2), got {_tname(v)}")
+    return v
+
+
+def _distinct(ids: list[int]) -> list[int]:
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"GPU ids repeat: {ids}")
+    return ids
+
+
+def _address(v: str) -> str:
+    if v.startswith("-") or any(c.isspace() for c in v):
+        raise ValueError(f"{v!r} is not a host address")
+    return v
+
+
+Text = Annotated[str, Field(min_length=1)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+Positive = Annotated[int, Field(ge=1)]
+RANGES = {"main_port": (1, 65535), "ssh_port": (1, 65535), "batch_size": (1, None), "batch_sizes": (1, None),
+          "gpus": (0, None)}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class HostDefaults(_Strict):
+    """Keys a host may take from `defaults:`."""
+
+    device: Literal["auto", "cuda", "cpu"] | None = None
+    ssh_user: Text | None = None
+    ssh_port: Port | None = None
+    ssh_options: list[Text] | None = None
+    batch_size: Positive | None = None
+    env: dict[Annotated[str, AfterValidator(_env_name)], Annotated[Any, AfterValidator(_env_value)]] | None = None
+    python: Text | None = None
+    venv: Text | None = None
+    workdir: Text | None = None
+    log_dir: Text | None = None
+
+    @model_validator(mode="after")
+    def _one_interpreter(self):
+        if self.python is not None and self.venv is not None:
+            raise ValueError("venv: set either 'python' or 'venv', not both")
+        return self
+
+
+class HostSpec(HostDefaults):
+    name: Annotated[Text, _name("host name (letters, digits, '_', '.', '-')")]
+    address: Annotated[Text, AfterValidator(_address)]
+    gpus: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1), BeforeValidator(_gpus),
+                    AfterValidator(_distinct)]
+    batch_sizes: Annotated[list[Positive], Field(min_length=1)] | None = None
+
+    @model_validator(mode="after")
+    def _batch_layout(self):
+        if self.batch_size is not None and self.batch_sizes is not None:
+            raise ValueError("batch_sizes: set either 'batch_size' or 'batch_sizes', not both")
+        if self.batch_sizes is not None and len(self.batch_sizes) != len(self.gpus):
+            raise ValueError(f"batch_sizes: {len(self.batch_sizes)} batch sizes for {len(self.gpus)} GPUs "
+                             f"(one per GPU, in 'gpus' order)")
+        return self
+
+
+class HostsSpec(_Strict):
+    main_address: Text | None = None
+    main_port: Port = 29500
+    rendezvous: Literal["static", "c10d"] = "static"
+    rdzv_id: Annotated[Text, _name("rendezvous id (letters, digits, '_', '.', '-')")] = "fashionseg"
+    backend: Backend | None = None
+    precision: Precision | None = None
+    defaults: HostDefaults | None = None
+    hosts: Annotated[list[HostSpec], Field(min_length=1)]
+
+
+GLOBAL_KEYS = tuple(HostsSpec.model_fields)
+HOST_KEYS = tuple(HostSpec.model_fields)
+DEFAULT_KEYS = tuple(HostDefaults.model_fields)
+
+
 # -- reading ---------------------------------------------------------------------------------
-class _Problems:
-    def __init__(self, path: str):
-        self.path = path
-        self.items: list[tuple[int, str]] = []
+Loc = tuple  # a place in the file: ("hosts", 1, "ssh_port")
 
-    def add(self, node: Node | None, where: str, msg: str) -> None:
-        line = node.start_mark.line + 1 if node is not None else 0
-        self.items.append((line, f"{where}: {msg}" if where else msg))
 
-    def raise_if_any(self) -> None:
-        if self.items:
-            lines = [f"{self.path}:{line}: {msg}" for line, msg in sorted(self.items, key=lambda x: x[0])]
-            n = len(lines)
-            raise HostsError(f"{n} problem{'s' if n > 1 else ''} in {self.path}:\n  " + "\n  ".join(lines))
+def _where(loc: Loc) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _tname(v: Any) -> str:
+    if isinstance(v, _Tagged):
+        return f"a value tagged {v.tag} (YAML tags are not allowed)"
+    if isinstance(v, dict):
+        return "a mapping"
+    if isinstance(v, list):
+        return "a list" if v else "an empty list"
+    return "null" if v is None else f"{v!r} ({type(v).__name__})"
 
 
 def _suggest(key: str, valid: tuple[str, ...]) -> str:
@@ -133,213 +249,127 @@ def _suggest(key: str, valid: tuple[str, ...]) -> str:
 _CONSTRUCTOR = yaml.SafeLoader("")
 
 
-class _Unreadable(str):
-    """A value with a tag safe_load refuses (`!!python/...`); fails every type check."""
+class _Reader:
+    """YAML nodes -> plain values; the line of every location; problems pydantic cannot see."""
+
+    def __init__(self):
+        self.lines: dict[Loc, int] = {}
+        self.problems: list[tuple[int, str]] = []
+
+    def add(self, line: int, loc: Loc, msg: str) -> None:
+        self.problems.append((line, f"{_where(loc) or 'top level'}: {msg}"))
+
+    def value(self, node: Node, loc: Loc) -> Any:
+        self.lines[loc] = node.start_mark.line + 1
+        if isinstance(node, MappingNode):
+            out: dict[str, Any] = {}
+            first: dict[str, int] = {}
+            for knode, vnode in node.value:
+                line = knode.start_mark.line + 1
+                if knode.tag == "tag:yaml.org,2002:merge":
+                    self.add(line, loc, "merge keys (<<) are not supported; put shared values under 'defaults:'")
+                    continue
+                key = self.value(knode, loc + ("<key>",))
+                if not isinstance(key, str):
+                    self.add(line, loc, f"keys must be strings, got {_tname(key)}")
+                    continue
+                if key in first:
+                    self.add(line, loc + (key,), f"duplicate key (first set on line {first[key]})")
+                    continue
+                first[key] = line
+                out[key] = self.value(vnode, loc + (key,))
+            return out
+        if isinstance(node, SequenceNode):
+            return [self.value(n, loc + (i,)) for i, n in enumerate(node.value)]
+        try:
+            return _CONSTRUCTOR.construct_object(node, deep=True)
+        except yaml.YAMLError:
+            return _Tagged(node.tag)
+
+    def line(self, loc: Loc) -> int:
+        while loc and loc not in self.lines:
+            loc = loc[:-1]
+        return self.lines.get(loc, 0)
 
 
-def _scalar(node: Node) -> Any:
-    try:
-        return _CONSTRUCTOR.construct_object(node, deep=True)
-    except yaml.YAMLError:
-        return _Unreadable(f"<{node.tag}>")
+def _valid_keys(loc: Loc) -> tuple[str, ...]:
+    if len(loc) == 1:
+        return GLOBAL_KEYS
+    return DEFAULT_KEYS if loc[0] == "defaults" else HOST_KEYS
 
 
-def _tname(node: Node) -> str:
-    if isinstance(node, MappingNode):
-        return "a mapping"
-    if isinstance(node, SequenceNode):
-        return "a list" if node.value else "an empty list"
-    v = _scalar(node)
-    if isinstance(v, _Unreadable):
-        return f"a value tagged {node.tag} (YAML tags are not allowed)"
-    return "null" if v is None else f"{v!r} ({type(v).__name__})"
+def _message(err: dict[str, Any]) -> tuple[Loc, str]:
+    """One pydantic error as (location, today's wording)."""
+    loc = tuple(p for p in err["loc"] if p not in ("[key]",) and not str(p).startswith(("function-", "list[", "int")))
+    kind, value, key = err["type"], err.get("input"), next((p for p in reversed(loc) if isinstance(p, str)), "")
+    if kind == "extra_forbidden":
+        return loc, "unknown key" + _suggest(str(loc[-1]), _valid_keys(loc))
+    if kind == "missing":
+        return loc[:-1], f"missing required key '{loc[-1]}'"
+    if kind == "value_error":
+        msg = str(err["ctx"]["error"])
+        if ": " in msg and msg.split(": ")[0] in HOST_KEYS:
+            field_, msg = msg.split(": ", 1)   # a model-level check names its key
+            loc = loc + (field_,)
+        return loc, msg
+    if kind in ("int_type", "int_parsing"):
+        return loc, f"expected an integer, got {_tname(value)}"
+    if kind in ("greater_than_equal", "less_than_equal"):
+        lo, hi = RANGES.get(key, (None, None))
+        return loc, f"{value} is out of range ({lo}..{hi if hi is not None else ''})"
+    if kind in ("string_type", "string_too_short"):
+        return loc, f"expected a non-empty string, got {_tname(value)}"
+    if kind in ("literal_error", "enum"):
+        return loc, f"expected one of {'|'.join(CHOICES.get(key, ()))}, got {_tname(value)}"
+    if kind in ("list_type", "too_short"):
+        if loc == ("hosts",):
+            return loc, f"expected a non-empty list of hosts, got {_tname(value)}"
+        what = "strings" if key == "ssh_options" else "integers"
+        return loc, f"expected a {'non-empty ' if what == 'integers' else ''}list of {what}, got {_tname(value)}"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        if len(loc) == 2 and loc[0] == "hosts":
+            return loc, f"expected a mapping (name, address, gpus, ...), got {_tname(value)}"
+        return loc, f"expected a mapping, got {_tname(value)}"
+    return loc, err["msg"]
 
 
-def _mapping(node: Node, where: str, valid: tuple[str, ...], p: _Problems) -> dict[str, tuple[Node, Node]]:
-    """Keys of a mapping node -> (key node, value node); unknown and duplicate keys reported."""
-    if not isinstance(node, MappingNode):
-        p.add(node, where, f"expected a mapping, got {_tname(node)}")
-        return {}
-    out: dict[str, tuple[Node, Node]] = {}
-    for knode, vnode in node.value:
-        if knode.tag == "tag:yaml.org,2002:merge":
-            p.add(knode, where or "top level", "merge keys (<<) are not supported; put shared values under 'defaults:'")
+def _problems(e: ValidationError, reader: _Reader) -> None:
+    seen = set()
+    for err in e.errors(include_url=False):
+        loc, msg = _message(err)
+        if (loc, msg) in seen:
             continue
-        key = _scalar(knode) if isinstance(knode, ScalarNode) else None
-        kwhere = f"{where}.{key}" if where else str(key)
-        if not isinstance(key, str):
-            p.add(knode, where or "top level", f"keys must be strings, got {_tname(knode)}")
-            continue
-        if key in out:
-            p.add(knode, kwhere, f"duplicate key (first set on line {out[key][0].start_mark.line + 1})")
-            continue
-        if valid and key not in valid:
-            p.add(knode, kwhere, "unknown key" + _suggest(key, valid))
-            continue
-        out[key] = (knode, vnode)
-    return out
-
-
-def _str(node: Node, where: str, p: _Problems, pattern: re.Pattern | None = None, what: str = "") -> str | None:
-    v = _scalar(node) if isinstance(node, ScalarNode) else node
-    if not isinstance(v, str) or not v or isinstance(v, _Unreadable):
-        p.add(node, where, f"expected a non-empty string, got {_tname(node)}")
-        return None
-    if pattern is not None and not pattern.match(v):
-        p.add(node, where, f"{v!r} is not a valid {what}")
-        return None
-    return v
-
-
-def _int(node: Node, where: str, p: _Problems, lo: int, hi: int | None = None) -> int | None:
-    v = _scalar(node) if isinstance(node, ScalarNode) else None
-    if not isinstance(v, int) or isinstance(v, bool):
-        p.add(node, where, f"expected an integer, got {_tname(node)}")
-        return None
-    if v < lo or (hi is not None and v > hi):
-        p.add(node, where, f"{v} is out of range ({lo}..{hi if hi is not None else ''})")
-        return None
-    return v
-
-
-def _choice(node: Node, where: str, p: _Problems, choices: tuple[str, ...]) -> str | None:
-    v = _scalar(node) if isinstance(node, ScalarNode) else None
-    if v not in choices:
-        p.add(node, where, f"expected one of {'|'.join(choices)}, got {_tname(node)}")
-        return None
-    return v
-
-
-def _int_list(node: Node, where: str, p: _Problems, lo: int) -> list[int] | None:
-    if not isinstance(node, SequenceNode) or not node.value:
-        p.add(node, where, f"expected a non-empty list of integers, got {_tname(node)}")
-        return None
-    out = [_int(n, f"{where}[{i}]", p, lo) for i, n in enumerate(node.value)]
-    return None if any(v is None for v in out) else out  # type: ignore[return-value]
-
-
-def _str_list(node: Node, where: str, p: _Problems) -> list[str] | None:
-    if not isinstance(node, SequenceNode):
-        p.add(node, where, f"expected a list of strings, got {_tname(node)}")
-        return None
-    out = [_str(n, f"{where}[{i}]", p) for i, n in enumerate(node.value)]
-    return None if any(v is None for v in out) else out  # type: ignore[return-value]
-
-
-def _env(node: Node, where: str, p: _Problems) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for key, (knode, vnode) in _mapping(node, where, (), p).items():
-        kwhere = f"{where}.{key}"
-        if not _ENV_RE.match(key):
-            p.add(knode, kwhere, "not a valid environment variable name ([A-Za-z_][A-Za-z0-9_]*)")
-            continue
-        if key in RESERVED_ENV:
-            p.add(knode, kwhere, "set by the launcher itself (use 'gpus' / 'batch_size(s)' instead)")
-            continue
-        v = _scalar(vnode) if isinstance(vnode, ScalarNode) else vnode
-        if isinstance(v, (bool, _Unreadable)) or not isinstance(v, (str, int, float)):
-            p.add(vnode, kwhere, f"expected a string or number, got {_tname(vnode)} (quote it: \"...\")")
-            continue
-        out[key] = str(v)
-    return out
-
-
-# Per-host field parsers: (value node, where, problems) -> value or None on error.
-_HOST_FIELDS: dict[str, Callable[[Node, str, _Problems], Any]] = {
-    "device": lambda n, w, p: _choice(n, w, p, DEVICES),
-    "ssh_user": lambda n, w, p: _str(n, w, p),
-    "ssh_port": lambda n, w, p: _int(n, w, p, 1, 65535),
-    "ssh_options": _str_list,
-    "batch_size": lambda n, w, p: _int(n, w, p, 1),
-    "batch_sizes": lambda n, w, p: _int_list(n, w, p, 1),
-    "env": _env,
-    "python": lambda n, w, p: _str(n, w, p),
-    "venv": lambda n, w, p: _str(n, w, p),
-    "workdir": lambda n, w, p: _str(n, w, p),
-    "log_dir": lambda n, w, p: _str(n, w, p),
-}
-
-
-def _gpus(node: Node, where: str, p: _Problems) -> tuple[int, ...] | None:
-    if isinstance(node, SequenceNode):
-        ids = _int_list(node, where, p, 0)
-        if ids is None:
-            return None
-        if len(set(ids)) != len(ids):
-            p.add(node, where, f"GPU ids repeat: {ids}")
-            return None
-        return tuple(ids)
-    v = _scalar(node) if isinstance(node, ScalarNode) else None
-    if isinstance(v, int) and not isinstance(v, bool):
-        if v < 1:
-            p.add(node, where, f"a GPU count must be >= 1, got {v}")
-            return None
-        return tuple(range(v))
-    p.add(node, where, f"expected a list of GPU ids ([0, 1]) or a count (2), got {_tname(node)}")
-    return None
-
-
-def _host(node: Node, index: int, defaults: dict[str, Any], p: _Problems) -> Host | None:
-    where = f"hosts[{index}]"
-    if not isinstance(node, MappingNode):
-        p.add(node, where, f"expected a mapping (name, address, gpus, ...), got {_tname(node)}")
-        return None
-    keys = _mapping(node, where, HOST_KEYS, p)
-    n_before = len(p.items)
-    vals: dict[str, Any] = {}
-    for key, (_, vnode) in keys.items():
-        kwhere = f"{where}.{key}"
-        if key == "name":
-            vals[key] = _str(vnode, kwhere, p, _NAME_RE, "host name (letters, digits, '_', '.', '-')")
-        elif key == "address":
-            vals[key] = _str(vnode, kwhere, p)
-            if vals[key] and (vals[key].startswith("-") or any(c.isspace() for c in vals[key])):
-                p.add(vnode, kwhere, f"{vals[key]!r} is not a host address")
-        elif key == "gpus":
-            vals[key] = _gpus(vnode, kwhere, p)
+        seen.add((loc, msg))
+        if loc == () and msg == "missing required key 'hosts'":
+            reader.problems.append((1, msg + " (a list of hosts)"))
         else:
-            vals[key] = _HOST_FIELDS[key](vnode, kwhere, p)
-    for req in ("name", "address", "gpus"):
-        if req not in keys:
-            p.add(node, where, f"missing required key '{req}'")
-    if "python" in keys and "venv" in keys:
-        p.add(keys["venv"][0], f"{where}.venv", "set either 'python' or 'venv', not both")
-    if "batch_size" in keys and "batch_sizes" in keys:
-        p.add(keys["batch_sizes"][0], f"{where}.batch_sizes", "set either 'batch_size' or 'batch_sizes', not both")
-    if len(p.items) > n_before:
-        return None
+            reader.add(reader.line(loc), loc, msg)
 
-    merged = {k: v for k, v in defaults.items() if k not in ("python", "venv") or
-              ("python" not in vals and "venv" not in vals)}
-    merged.update({k: v for k, v in vals.items() if k != "env"})
-    env = dict(defaults.get("env", {}))
-    env.update(vals.get("env", {}))
-    gpus = vals["gpus"]
-    if "batch_sizes" in vals:
-        bs: tuple[int, ...] | None = tuple(vals["batch_sizes"])
-        if len(bs) != len(gpus):
-            p.add(keys["batch_sizes"][1], f"{where}.batch_sizes",
-                  f"{len(bs)} batch sizes for {len(gpus)} GPUs (one per GPU, in 'gpus' order)")
-            return None
-    elif "batch_size" in merged:
-        bs = (merged["batch_size"],) * len(gpus)
-    else:
-        bs = None
+
+def _host(spec: HostSpec, defaults: HostDefaults | None, line: int) -> Host:
+    """One host with `defaults:` filled in (its own values win; env merged key by key)."""
+    d = defaults.model_dump(exclude_none=True) if defaults is not None else {}
+    own = spec.model_dump(exclude_none=True)
+    if "python" in own or "venv" in own:
+        d.pop("python", None), d.pop("venv", None)
+    merged = {**d, **own, "env": {**d.get("env", {}), **own.get("env", {})}}
+    bs = merged.get("batch_sizes")
+    if bs is None and "batch_size" in merged:
+        bs = [merged["batch_size"]] * len(spec.gpus)
     python = merged.get("python")
     if merged.get("venv"):
         python = merged["venv"].rstrip("/") + "/bin/python"
     return Host(
-        name=vals["name"], address=vals["address"], gpus=gpus, batch_sizes=bs,
+        name=spec.name, address=spec.address, gpus=tuple(spec.gpus), batch_sizes=tuple(bs) if bs else None,
         ssh_user=merged.get("ssh_user"), ssh_port=merged.get("ssh_port"),
-        ssh_options=tuple(merged.get("ssh_options") or ()), env=env, python=python,
+        ssh_options=tuple(merged.get("ssh_options") or ()), env=merged["env"], python=python,
         workdir=merged.get("workdir"), log_dir=merged.get("log_dir"), device=merged.get("device") or "auto",
-        line=node.start_mark.line + 1,
+        line=line,
     )
 
 
 def parse_hosts(text: str, path: str = "hosts.yaml") -> HostsFile:
     """Validate hosts.yaml text; raise HostsError listing every problem with its line."""
-    p = _Problems(path)
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
@@ -354,47 +384,31 @@ def parse_hosts(text: str, path: str = "hosts.yaml") -> HostsFile:
         raise HostsError(msg) from None
     if root is None:
         raise HostsError(f"{path}: empty file (expected a mapping with a 'hosts:' list)")
-    top = _mapping(root, "", GLOBAL_KEYS, p)
+    reader = _Reader()
+    raw = reader.value(root, ())
+    spec = None
+    try:
+        spec = HostsSpec.model_validate(raw)
+    except ValidationError as e:
+        _problems(e, reader)
+    if spec is not None and not reader.problems:
+        hosts = [_host(h, spec.defaults, reader.line(("hosts", i))) for i, h in enumerate(spec.hosts)]
+        _check_layout(hosts, spec, reader)
+    if reader.problems:
+        lines = [f"{path}:{line}: {msg}" for line, msg in sorted(reader.problems, key=lambda x: x[0])]
+        n = len(lines)
+        raise HostsError(f"{n} problem{'s' if n > 1 else ''} in {path}:\n  " + "\n  ".join(lines))
+    return HostsFile(path=path, hosts=tuple(hosts), main_address=spec.main_address or hosts[0].address,
+                     main_port=spec.main_port, rendezvous=spec.rendezvous, rdzv_id=spec.rdzv_id,
+                     backend=spec.backend, precision=spec.precision)
 
-    defaults: dict[str, Any] = {}
-    if "defaults" in top:
-        for key, (_, vnode) in _mapping(top["defaults"][1], "defaults", DEFAULT_KEYS, p).items():
-            v = _HOST_FIELDS[key](vnode, f"defaults.{key}", p)
-            if v is not None:
-                defaults[key] = v
-        if "python" in defaults and "venv" in defaults:
-            p.add(top["defaults"][1], "defaults", "set either 'python' or 'venv', not both")
 
-    hosts: list[Host] = []
-    if "hosts" not in top:
-        p.add(root, "", "missing required key 'hosts' (a list of hosts)")
-    else:
-        hnode = top["hosts"][1]
-        if not isinstance(hnode, SequenceNode) or not hnode.value:
-            p.add(hnode, "hosts", f"expected a non-empty list of hosts, got {_tname(hnode)}")
-        else:
-            for i, n in enumerate(hnode.value):
-                h = _host(n, i, defaults, p)
-                if h is not None:
-                    hosts.append(h)
-
-    g: dict[str, Any] = {}
-    parsers: dict[str, Callable[[Node, str], Any]] = {
-        "main_address": lambda n, w: _str(n, w, p),
-        "main_port": lambda n, w: _int(n, w, p, 1, 65535),
-        "rendezvous": lambda n, w: _choice(n, w, p, RENDEZVOUS),
-        "rdzv_id": lambda n, w: _str(n, w, p, _NAME_RE, "rendezvous id (letters, digits, '_', '.', '-')"),
-        "backend": lambda n, w: _choice(n, w, p, BACKENDS),
-        "precision": lambda n, w: _choice(n, w, p, PRECISIONS),
-    }
-    for key, parse in parsers.items():
-        if key in top:
-            g[key] = parse(top[key][1], key)
-
+def _check_layout(hosts: list[Host], spec: HostsSpec, reader: _Reader) -> None:
+    """Across hosts: unique names, no GPU used twice on one machine, a main_address others can reach."""
     seen: dict[str, Host] = {}
     for h in hosts:
         if h.name in seen:
-            p.items.append((h.line, f"hosts: duplicate host name '{h.name}' (first on line {seen[h.name].line})"))
+            reader.problems.append((h.line, f"hosts: duplicate host name '{h.name}' (first on line {seen[h.name].line})"))
         seen.setdefault(h.name, h)
     by_address: dict[str, Host] = {}
     for h in hosts:  # one machine listed twice (the loopback example) must not share a GPU
@@ -402,23 +416,14 @@ def parse_hosts(text: str, path: str = "hosts.yaml") -> HostsFile:
         other = by_address.get(key)
         if other is not None and set(other.gpus) & set(h.gpus):
             shared = sorted(set(other.gpus) & set(h.gpus))
-            p.items.append((h.line, f"hosts: '{h.name}' and '{other.name}' are the same machine ({h.address}) "
-                                    f"and both use GPU {','.join(map(str, shared))}: give them disjoint gpus ids"))
+            reader.problems.append((h.line, f"hosts: '{h.name}' and '{other.name}' are the same machine ({h.address}) "
+                                            f"and both use GPU {','.join(map(str, shared))}: give them disjoint gpus ids"))
         by_address.setdefault(key, h)
-    if hosts and not p.items:
-        main = hosts[0]
-        remote = [h for h in hosts[1:] if not h.is_local]
-        main_address = g.get("main_address") or main.address
-        if main.is_local and remote and main_address in LOCAL_ADDRESSES:
-            where_node = top["main_address"][1] if "main_address" in top else root
-            p.add(where_node, "main_address",
-                  f"the first host '{main.name}' is {main.address} but '{remote[0].name}' is remote: set "
-                  f"main_address to the first host's address as the other hosts reach it (e.g. its LAN IP)")
-    p.raise_if_any()
-    return HostsFile(
-        path=path, hosts=tuple(hosts), main_address=g.get("main_address") or hosts[0].address,
-        **{k: v for k, v in g.items() if k != "main_address" and v is not None},
-    )
+    main, remote = hosts[0], [h for h in hosts[1:] if not h.is_local]
+    if not reader.problems and main.is_local and remote and (spec.main_address or main.address) in LOCAL_ADDRESSES:
+        reader.add(reader.line(("main_address",)) if spec.main_address else 1, ("main_address",),
+                   f"the first host '{main.name}' is {main.address} but '{remote[0].name}' is remote: set "
+                   f"main_address to the first host's address as the other hosts reach it (e.g. its LAN IP)")
 
 
 def load_hosts(path: str | Path) -> HostsFile:

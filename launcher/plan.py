@@ -18,12 +18,16 @@ import shlex
 import sys
 from dataclasses import dataclass, field
 
+from fashionseg.names import LOCAL_BATCH_ENV
 from launcher.hosts import Host, HostsFile
 
 DEFAULT_MODULE = "fashionseg.train"
 # Prefix torchrun puts on every line a worker prints (--tee 3); the launcher adds the host name.
 LOG_PREFIX = "[rank${rank}]: "
 SSH_BASE_OPTIONS = ("-o", "BatchMode=yes", "-tt")
+# After the host's own ssh_options (ssh keeps the first value it reads, so a host can override them):
+# a remote host whose network drops is noticed in ~15 s instead of TCP's minutes.
+SSH_KEEPALIVE = ("-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3")
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,7 @@ def host_env(host: Host) -> dict[str, str]:
     if uses_cpu(host):  # Accelerator forms a gloo CPU group only when told to (accelerate launch --cpu)
         env["ACCELERATE_USE_CPU"] = "true"
     if host.batch_sizes is not None:
-        env["FASHIONSEG_LOCAL_BATCH_SIZES"] = ",".join(map(str, host.batch_sizes))
+        env[LOCAL_BATCH_ENV] = ",".join(map(str, host.batch_sizes))
     env.update(host.env)
     return env
 
@@ -119,7 +123,7 @@ def ssh_argv(host: Host, remote: str) -> list[str]:
         argv += ["-p", str(host.ssh_port)]
     if host.ssh_user is not None:
         argv += ["-l", host.ssh_user]
-    return argv + list(host.ssh_options) + [host.address, remote]
+    return argv + list(host.ssh_options) + list(SSH_KEEPALIVE) + [host.address, remote]
 
 
 def build_plan(hosts: HostsFile, train_args: list[str], target: Target = Target()) -> list[HostCommand]:

@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import psutil
 
@@ -45,7 +46,7 @@ class _Host:
             self.known.setdefault(p.pid, p)
 
 
-class _Interrupted(Exception):
+class Interrupted(Exception):
     pass
 
 
@@ -131,22 +132,55 @@ def _children(p: psutil.Process) -> list[psutil.Process]:
         return []
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """How one start of every host ended: code 0 (all exited 0), 1 (a host failed), 130 (interrupted)."""
+
+    code: int
+    host: str | None = None        # the host that failed first
+    rc: int | None = None          # its exit code
+    detected: float | None = None  # time.time() when the launcher saw the failure
+    last_line: str = ""            # the failing host's last output line
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """SIGTERM/SIGHUP to the launcher raise Interrupted (like Ctrl-C) so hosts are stopped first."""
+    def on_signal(signum, frame):
+        raise Interrupted(signal.Signals(signum).name)
+
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGTERM, signal.SIGHUP):
+            old[s] = signal.signal(s, on_signal)
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
 def run_commands(cmds: list[HostCommand], grace: float = 10.0, out=None, err=None) -> int:
     """Run all host commands to completion; 0 when every host exits 0, 1 on failure, 130 on interrupt."""
+    with stop_signals():
+        try:
+            return run_hosts(cmds, grace, out, err).code
+        except (KeyboardInterrupt, Interrupted):
+            return 130
+
+
+def run_hosts(cmds: list[HostCommand], grace: float = 10.0, out=None, err=None,
+              on_tick: Callable[[], None] | None = None) -> Outcome:
+    """One start of every host; stops them all on the first failure. `on_tick` runs about once a second.
+
+    A Ctrl-C / Interrupted stops every host and is re-raised (the caller decides the exit code).
+    """
     out = out or sys.stdout
     err = err or sys.stderr
     width = max(len(c.host.name) for c in cmds)
     lock = threading.Lock()
     exits: queue.Queue = queue.Queue()
     hosts: list[_Host] = []
-
-    def on_signal(signum, frame):
-        raise _Interrupted(signal.Signals(signum).name)
-
-    old = {}
-    if threading.current_thread() is threading.main_thread():
-        for s in (signal.SIGTERM, signal.SIGHUP):
-            old[s] = signal.signal(s, on_signal)
     try:
         for cmd in cmds:
             try:
@@ -155,7 +189,7 @@ def run_commands(cmds: list[HostCommand], grace: float = 10.0, out=None, err=Non
                 err.write(f"launcher: cannot start host {cmd.host.name}: {cmd.argv[0]}: {e.strerror or e} "
                           f"(check python/venv/workdir in hosts.yaml, or `ssh` on PATH)\n")
                 stop_all(hosts, grace)
-                return 1
+                return Outcome(1, cmd.host.name, None, time.time(), f"cannot start: {e.strerror or e}")
             h = _Host(cmd, proc)
             hosts.append(h)
             h.pump = threading.Thread(target=_pump, args=(h, width, lock, out), daemon=True)
@@ -168,9 +202,12 @@ def run_commands(cmds: list[HostCommand], grace: float = 10.0, out=None, err=Non
             except queue.Empty:
                 for h in hosts:
                     h.snapshot()
+                if on_tick is not None:
+                    on_tick()
                 continue
             remaining -= 1
             if rc != 0:
+                detected = time.time()
                 with lock:
                     err.write(f"launcher: host {h.cmd.host.name} (node {h.cmd.node_rank}) exited with code "
                               f"{rc}; stopping the other hosts\n")
@@ -178,19 +215,17 @@ def run_commands(cmds: list[HostCommand], grace: float = 10.0, out=None, err=Non
                 stop_all(hosts, grace)
                 _join(hosts)
                 _report_failure(h, rc, err)
-                return 1
+                return Outcome(1, h.cmd.host.name, rc, detected, h.tail[-1] if h.tail else "")
         _join(hosts)
-        return 0
-    except (KeyboardInterrupt, _Interrupted) as e:
+        return Outcome(0)
+    except (KeyboardInterrupt, Interrupted) as e:
         with lock:
             err.write(f"\nlauncher: interrupted ({e or 'SIGINT'}); stopping all hosts\n")
             err.flush()
         stop_all(hosts, grace)
         _join(hosts)
-        return 130
+        raise
     finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
         stop_all(hosts, 0)  # never leave anything behind, whatever happened above
 
 
@@ -213,18 +248,32 @@ def _report_failure(h: _Host, rc: int, err) -> None:
 
 def add_arguments(parser) -> None:
     from launcher.plan import add_target_arguments
+    from launcher.restart import DEFAULT_DROP_AFTER
 
     parser.add_argument("hosts", help="hosts.yaml")
     add_target_arguments(parser)
     parser.add_argument("--grace", type=float, default=10.0,
                         help="seconds between SIGTERM and SIGKILL when stopping hosts (default 10)")
+    parser.add_argument("--max-restarts", type=int, default=0, metavar="N",
+                        help="after a failure, stop every host and start again with --resume, up to N times "
+                             "(default 0; docs/fault_tolerance.md)")
+    parser.add_argument("--restart-delay", type=float, default=10.0, metavar="S",
+                        help="seconds to wait before a restart (default 10)")
+    parser.add_argument("--drop-failed-hosts", type=int, nargs="?", const=DEFAULT_DROP_AFTER, default=None,
+                        metavar="K", help="leave out hosts that are unreachable or failed their last K starts "
+                                          f"(default K {DEFAULT_DROP_AFTER}); the run continues on the rest")
 
 
 def run(args) -> int:
-    from launcher.hosts import load_hosts
+    from launcher.hosts import HostsError, load_hosts
     from launcher.plan import build_plan, describe, target_from_args
+    from launcher.restart import RestartPolicy, supervise
 
+    if args.max_restarts < 0 or args.restart_delay < 0 or (args.drop_failed_hosts is not None
+                                                            and args.drop_failed_hosts < 1):
+        raise HostsError("--max-restarts and --restart-delay must be >= 0, --drop-failed-hosts K >= 1")
     hosts = load_hosts(args.hosts)
-    cmds = build_plan(hosts, args.train_args, target_from_args(args))
+    build_plan(hosts, args.train_args, target_from_args(args))  # fail on a bad plan before starting anything
     print("\n".join(describe(hosts)), flush=True)
-    return run_commands(cmds, grace=args.grace)
+    policy = RestartPolicy(args.max_restarts, args.restart_delay, args.drop_failed_hosts)
+    return supervise(hosts, args.train_args, target_from_args(args), policy, grace=args.grace)

@@ -3,7 +3,8 @@
 Run under torchrun (the launcher): reads RANK/WORLD_SIZE/LOCAL_RANK from the environment and its
 batch size from FASHIONSEG_LOCAL_BATCH_SIZES[LOCAL_RANK] like fashionseg.train does.
 `--die-rank R --die-step S` makes global rank R exit(3) before step S (S = --steps: after the
-last step) while the others sleep after training, so only the launcher can stop them. Every rank
+last step) while the others sleep after training, so only the launcher can stop them (when
+rank R is not in this world, e.g. its host was left out, the others finish normally). Every rank
 writes `pid-rankR` (its pid and torchrun's) at start so a test can check nothing is left behind.
 """
 import argparse
@@ -22,6 +23,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--die-rank", type=int, default=-1)
     ap.add_argument("--die-step", type=int, default=1)
+    ap.add_argument("--resume", action="store_true")  # what `launcher run --max-restarts` adds on a restart
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
 
@@ -49,12 +51,12 @@ def main() -> int:
         loss.backward()
         opt.step()
         print(f"step {step} loss {loss.item():.6f}", flush=True)
-    if args.die_rank >= 0:  # a survivor: wait for the launcher to stop us
+    if 0 <= args.die_rank < world:  # a survivor: wait for the launcher to stop us
         time.sleep(600)
     torch.save(model.module.state_dict(), os.path.join(args.out, f"rank{rank}.pt"))
     info = {"rank": rank, "world": world, "local_rank": local_rank, "batch": batch,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-            "overrides": args.overrides, "pid": os.getpid(),
+            "overrides": args.overrides, "resume": args.resume, "pid": os.getpid(),
             "probe": os.environ.get("LAUNCHER_TEST_PROBE")}
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(info, f)

@@ -58,7 +58,8 @@ def test_local_host_gets_exact_torchrun_argv_env_and_cwd():
 
 def test_remote_host_is_ssh_with_one_quoted_command():
     _, b = build_plan(parse_hosts(TWO), ["--config", "my cfg.yaml"])
-    assert b.argv[:-2] == ["ssh", "-o", "BatchMode=yes", "-tt", "-p", "2200", "-l", "me", "-i", "/k/id"]
+    assert b.argv[:-2] == ["ssh", "-o", "BatchMode=yes", "-tt", "-p", "2200", "-l", "me", "-i", "/k/id",
+                           "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"]
     assert b.argv[-2] == "10.0.0.2" and b.argv[-1] == b.remote_command
     assert b.remote_command.startswith(
         "cd /w/b && exec env CUDA_VISIBLE_DEVICES=0,1,2 NCCL_SOCKET_IFNAME=eth0 /py/b -m torch.distributed.run "

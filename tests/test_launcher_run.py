@@ -105,9 +105,29 @@ def test_dying_rank_stops_every_host_without_orphans(tmp_path):
     assert "node-b: last" in r.stderr and "exitcode  : 3" in r.stderr  # the failing host's tail
     pids = [int(p) for f in out.glob("pid-rank*") for p in f.read_text().split()]
     assert len(pids) == 4  # 2 workers + their torchrun agents
-    time.sleep(0.5)
-    alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-    assert alive == [], f"left behind: {alive}"
+    assert_all_gone(pids)
+    events = [json.loads(line) for line in (out / "launcher_events.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events] == ["start", "failure", "give_up", "exit"]  # no --max-restarts: no restart
+    assert events[1]["host"] == "node-b" and events[2]["reason"] == "0 restart(s) used of --max-restarts 0"
+
+
+def alive(pids: list[int]) -> list[int]:
+    out = []
+    for p in pids:
+        try:
+            if psutil.Process(p).status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def assert_all_gone(pids: list[int], timeout: float = 10) -> None:
+    """The launcher has returned, so these must be gone; allow the kernel a moment to reap them."""
+    deadline = time.monotonic() + timeout
+    while alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert alive(pids) == [], f"left behind: {alive(pids)}"
 
 
 FAKE_SSH = """\
@@ -167,22 +187,22 @@ def test_remote_host_receives_shell_metacharacters_literally(tmp_path):
 def test_ctrl_c_stops_every_host(tmp_path):
     out = tmp_path / "run"
     # --die-rank 99 matches no rank: every rank trains one step, then sleeps until stopped
-    proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", "run", str(loopback_hosts(tmp_path, small=True)),
-                             "--script", str(SCRIPT), "--grace", "5", "--", "--out", str(out), "--steps", "1",
-                             "--die-rank", "99"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while len(list(out.glob("pid-rank*"))) < 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    time.sleep(1.0)
+    log = tmp_path / "launcher.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", "run", str(loopback_hosts(tmp_path, small=True)),
+                                 "--script", str(SCRIPT), "--grace", "5", "--", "--out", str(out), "--steps", "1",
+                                 "--die-rank", "99"], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60  # both ranks trained their step and now sleep until stopped
+    while log.read_text().count("step 0 loss") < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert log.read_text().count("step 0 loss") == 2, log.read_text()
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stdout + stderr
-    assert "interrupted" in stderr
+    proc.wait(timeout=60)
+    assert proc.returncode == 130, log.read_text()
+    assert "interrupted" in log.read_text()
     pids = [int(p) for f in out.glob("pid-rank*") for p in f.read_text().split()]
     assert len(pids) == 4
-    time.sleep(0.5)
-    alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-    assert alive == [], f"left behind: {alive}"
+    assert_all_gone(pids)
 
 
 # -- doctor ------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""QA regressions for hosts.yaml validation and the shipped example files."""
+"""hosts.yaml messages for malformed files (tabs, tags, null entries, empty files) and the shipped examples."""
 from __future__ import annotations
 
 import re
