@@ -30,7 +30,8 @@ OPTIONAL_KEYS = ("train.channels_last", "data.decode_device")
 
 # -- processes -------------------------------------------------------------------------------------
 def run_cmd(cmd: list[str], timeout: float, log: Path | None = None, env: dict | None = None) -> dict:
-    """Run `cmd` in its own process group; kill the whole group at `timeout` seconds.
+    """Run `cmd`; at `timeout` seconds kill it and every process under it (torchrun starts its
+    workers in sessions of their own, so the process group alone is not enough).
     Returns {"rc", "seconds", "out" (stdout+stderr), "timed_out"}; the output is appended to `log`."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -40,14 +41,36 @@ def run_cmd(cmd: list[str], timeout: float, log: Path | None = None, env: dict |
         out, _ = proc.communicate(timeout=max(1.0, timeout))
     except subprocess.TimeoutExpired:
         timed_out = True
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
+        kill_tree(proc.pid)
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:  # a grandchild still holds the pipe: give up on the rest
+            out = ""
     seconds = time.perf_counter() - t0
     if log is not None:
         with open(log, "a") as f:
             f.write(f"\n$ {' '.join(map(str, cmd))}\n# rc={proc.returncode} {seconds:.1f}s"
-                    f"{' TIMED OUT' if timed_out else ''}\n{out[-6000:]}\n")
+                    f"{' TIMED OUT' if timed_out else ''}\n{(out or '')[-6000:]}\n")
     return {"rc": proc.returncode, "seconds": seconds, "out": out or "", "timed_out": timed_out}
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL `pid`, its process group and all its descendants."""
+    try:
+        import psutil
+
+        procs = psutil.Process(pid).children(recursive=True)
+    except Exception:  # noqa: BLE001 - gone already, or no psutil: the group kill below still runs
+        procs = []
+    for p in procs:
+        try:
+            p.kill()
+        except Exception:  # noqa: BLE001
+            pass
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def error_text(res: dict, lines: int = 6) -> str:
@@ -125,8 +148,10 @@ def config_rejects(ctx: dict, overrides: list[str]) -> str | None:
     return None
 
 
-def trainer_run(ctx: dict, name: str, overrides: list[str], *, launcher: list[str] | None = None) -> dict:
-    """One `python -m fashionseg.train` run; its figures from metrics.jsonl, or why there are none."""
+def trainer_run(ctx: dict, name: str, overrides: list[str], *, launcher: list[str] | None = None,
+                timeout: float | None = None) -> dict:
+    """One `python -m fashionseg.train` run (at most `timeout` s and the part's deadline); its
+    figures from metrics.jsonl, or why there are none."""
     out = Path(ctx["work"]) / "runs" / name
     key = config_rejects(ctx, overrides)
     if key:
@@ -134,7 +159,7 @@ def trainer_run(ctx: dict, name: str, overrides: list[str], *, launcher: list[st
                 "error": f"the config rejects {key}"}
     cmd = [*(launcher or [PY]), "-m", "fashionseg.train", "--config", str(ROOT / ctx["profile"]["config"]),
            "--shards", ctx["shards"], "--out", str(out), *overrides]
-    res = run_cmd(cmd, ctx["deadline"] - time.time(), Path(ctx["log"]))
+    res = run_cmd(cmd, min(_left(ctx), timeout or float("inf")), Path(ctx["log"]))
     row: dict[str, Any] = {"run": name, "seconds": round(res["seconds"], 1), "run_dir": str(out)}
     if res["rc"] != 0 or res["timed_out"]:
         key = None if res["timed_out"] else unsupported_key(res["out"], overrides)
@@ -221,7 +246,8 @@ def part_train(ctx: dict, res: Result) -> None:
             continue
         extra = ["train.channels_last=true"] if cl else []
         row = trainer_run(ctx, f"train_{precision}_{'cl' if cl else 'nchw'}",
-                          train_overrides(ctx, precision=precision, workers=workers, extra=extra))
+                          train_overrides(ctx, precision=precision, workers=workers, extra=extra),
+                          timeout=max(60.0, _left(ctx) / 2))  # a hang leaves the peer and the rest half
         row.update(arm="trainer", precision=precision, channels_last=cl, workers=workers)
         res.add("trainer", row)
         if cl and row["status"] == "unsupported":
@@ -327,13 +353,14 @@ def part_deepspeed(ctx: dict, res: Result) -> None:
     p = ctx["profile"]
     res.set(status="running")
     launcher = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
-    for precision in p["ds_precisions"]:
+    for i, precision in enumerate(p["ds_precisions"]):
         if _left(ctx) < 5:
             res.add("rows", {"precision": precision, "status": "skipped", "error": "no time left"})
             continue
         row = trainer_run(ctx, f"ds_{precision}", train_overrides(
             ctx, precision=precision, workers=p["train_workers"], steps=p["ds_steps"],
-            extra=["train.backend=deepspeed", "train.zero_stage=2"]), launcher=launcher)
+            extra=["train.backend=deepspeed", "train.zero_stage=2"]), launcher=launcher,
+            timeout=_left(ctx) / (len(p["ds_precisions"]) - i))  # a hang leaves the other precisions their share
         res.add("rows", {"precision": precision, "zero_stage": 2, **{k: row.get(k) for k in (
             "status", "images_per_sec", "peak_mem_mb", "last_loss", "skipped_steps", "error", "seconds")}})
     res.set(status="ok")

@@ -242,9 +242,21 @@ def main() -> int:
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     ap.add_argument("--budget", type=float, default=None, help="seconds for the whole suite (default: the profile's)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (runs, shards)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="change a profile entry (JSON or YAML value; parts.NAME for a part's seconds), e.g. "
+                         "--set steps=15 --set 'precisions=[\"bf16\"]' --set parts.train=250")
     args = ap.parse_args()
     t_start = time.time()
     p = profile(args.smoke)
+    for item in args.set:
+        key, _, raw = item.partition("=")
+        where, leaf = (p["parts"], key.split(".", 1)[1]) if key.startswith("parts.") else (p, key)
+        if leaf not in where:
+            ap.error(f"--set {item}: no profile entry '{key}' (entries: {', '.join(sorted(p))})")
+        try:
+            where[leaf] = json.loads(raw)
+        except ValueError:
+            where[leaf] = yaml.safe_load(raw)
     parts = [x for x in args.parts.split(",") if x]
     unknown = set(parts) - set(PARTS)
     if unknown:

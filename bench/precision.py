@@ -94,8 +94,8 @@ def coco_loader(coco_dir: Path, batch_size: int, workers: int, min_size: int, ma
             return len(wrapped)
 
         def __getitem__(self, i):
-            image, target = wrapped[i]
-            return image, {"boxes": target["boxes"].as_subclass(torch.Tensor).float(), "labels": target["labels"],
+            image, target = wrapped[i]  # plain tensors out: tv_tensors subclasses cost dispatch in the model
+            return image.as_subclass(torch.Tensor), {"boxes": target["boxes"].as_subclass(torch.Tensor).float(), "labels": target["labels"],
                            "masks": target["masks"].as_subclass(torch.Tensor), "attributes": attrs[i]}
 
     g = torch.Generator().manual_seed(seed)

@@ -15,8 +15,8 @@
 # device tool's `carry: [".whl"]`; bench/gpu_suite.sh installs from it when imports fail.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-/work/main/.venv/bin/python}   # a python with pip and torch (DeepSpeed's setup.py imports torch)
-[ -x "$PY" ] || PY=python3
+PY=${PY:-.venv/bin/python}   # a python with pip and torch (DeepSpeed's setup.py imports torch): `make setup`'s
+[ -x "$PY" ] || PY=python3   # in a worktree without .venv: PY=/path/to/.venv/bin/python bash scripts/gpu_wheels.sh
 GPU_PYTHON=${GPU_PYTHON:-3.12}
 DEST=${DEST:-.whl}
 LIMIT_MB=${LIMIT_MB:-48}                # the carry limit is 64 MiB for the whole tree: leave room for it
