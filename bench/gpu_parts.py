@@ -81,7 +81,7 @@ def error_text(res: dict, lines: int = 6) -> str:
     text = [l.strip() for l in res["out"].splitlines() if l.strip()]
     ours = [l for l in text if l.startswith("error:")]
     if ours:
-        return ours[-1][:1500]
+        return ours[-1][len("error:"):].strip()[:1500]
     exc = [l for l in text if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b[^:]*:", l)]
     if exc:
         return exc[-1][:1500]
@@ -391,7 +391,7 @@ def part_inference(ctx: dict, res: Result) -> None:
             note="score_thresh 0: every image yields detections_per_img detections (worst-case mask pasting)"
             if p["infer_score_thresh"] == 0 else "")
     help_text = predict_help(ctx)
-    modes: list[tuple[str, list[str]]] = [("single", []), ("tta", ["--tta"])]
+    modes: list[tuple[str, list[str]]] = [("single", []), ("tta", ["--tta", *p["tta_flags"]])]
     has_fold = importlib.util.find_spec("fashionseg.model.fold") is not None
     if has_fold and "--no-fold" in help_text:
         modes += [("unfolded", ["--no-fold"])]

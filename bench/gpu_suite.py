@@ -25,7 +25,9 @@ import platform
 import shutil
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -55,7 +57,7 @@ def profile(smoke: bool) -> dict:
             "infer_score_thresh": None,  # the config's: a 2-step model then keeps few detections
             "train_overrides": ["data.min_size=[64]", "data.max_size=64", "train.lr=0.002", "train.max_nonfinite=1000"],
             # a ceiling: ~1 min on an idle 2-core box, but a loaded one takes 10-20 s per Python start
-            "budget": 240,
+            "frozen_bn": True, "budget": 240, "concurrent": ["gpu_tests", "deepspeed"], "tta_flags": ["--tta-scales", "1.0"],
             "parts": {"gpu_tests": 40, "train": 60, "data_wait": 25, "deepspeed": 35, "inference": 40},
         }
     w = shipped_workers()
@@ -66,10 +68,11 @@ def profile(smoke: bool) -> dict:
         "data_wait_precision": "fp16", "data_wait_workers": sorted({4, w, 8, 12}), "decode_images": 96,
         "peer_steps": 15, "peer_warmup": 4, "ds_precisions": ["fp16", "bf16", "fp32"], "ds_steps": 15, "infer_batch": 4,
         "infer_score_thresh": 0.0,  # every image yields detections_per_img detections: worst-case pasting
-        # no pretrained weights on that machine; a small lr from scratch keeps R50 finite for 25 steps
+        # no weights can be fetched there: model.pretrained becomes calibrated_backbone()'s file (the
+        # override below stands where that fails); a small lr keeps the fresh heads finite
         "train_overrides": ["model.pretrained=null", "data.min_size=[1024]", "data.max_size=1024", "train.lr=0.002",
                             "train.max_nonfinite=1000"],
-        "budget": 470,
+        "frozen_bn": True, "budget": 470, "concurrent": [], "tta_flags": [],
         "parts": {"gpu_tests": 100, "train": 190, "data_wait": 75, "deepspeed": 60, "inference": 50},
     }
 
@@ -107,7 +110,39 @@ def prepare_data(work: Path, p: dict, log: Path) -> dict:
                 "segmentation": inst["segmentation"], "bbox": inst["bbox"], "area": inst["area"], "iscrowd": 0})
     (coco_dir / "instances.json").write_text(json.dumps(coco))
     splits = {k: v["num_samples"] for k, v in manifest["splits"].items()}
-    return {"shards": str(shards), "peer_coco": str(coco_dir), "splits": splits, "seconds": round(time.perf_counter() - t0, 1)}
+    pretrained = calibrated_backbone(work, p) if p["frozen_bn"] else None
+    return {"shards": str(shards), "peer_coco": str(coco_dir), "splits": splits, "pretrained": pretrained,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def calibrated_backbone(work: Path, p: dict) -> str | None:
+    """A stand-in for ImageNet weights (none can be downloaded there): the config's ResNet with
+    random weights whose BatchNorm statistics are measured on random normalised images, saved in
+    the ImageNet layout. With it as `model.pretrained` the model is built as the real recipe is:
+    FrozenBatchNorm2d and `trainable_backbone_layers` trainable (without weights everything trains,
+    with plain BatchNorm), and FrozenBatchNorm's fp32 buffers meet DeepSpeed's halved parameters.
+    Frozen statistics of random weights would let activations grow layer by layer (inf in fp16)."""
+    import torch
+    import torchvision
+
+    backbone = (yaml.safe_load((ROOT / p["config"]).read_text()).get("model") or {}).get("backbone", "resnet50_fpn")
+    arch = backbone.split("_")[0]
+    if not arch.startswith("resnet"):
+        return None
+    torch.manual_seed(0)
+    net = getattr(torchvision.models, arch)(weights=None)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # a plain average over the calibration batches
+    net.train()
+    side = min(224, p["size"])
+    with torch.no_grad():
+        for _ in range(2):
+            net((torch.rand(8, 3, side, side) - 0.45) / 0.225)
+    path = work / f"{arch}_random_calibrated.pth"
+    torch.save(net.state_dict(), path)
+    return str(path)
 
 
 def environment(p: dict) -> dict:
@@ -180,59 +215,84 @@ def targets(results: dict) -> dict:
     return out
 
 
+def _md(header: list[str], rows: list[list]) -> list[str]:
+    """A Markdown table (the output is meant to be pasted into docs/benchmarks.md)."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
+        ["| " + " | ".join(str(c).replace("|", "/") for c in row) + " |" for row in rows]
+
+
+def _why(row: dict, n: int = 160) -> str:
+    return row.get("status", "?") + (f": {row['error'][:n]}" if row.get("error") else "")
+
+
 def table(report: dict) -> str:
-    env, res = report["env"], report["results"]
-    lines = [f"# GPU suite ({env['profile']}): {env.get('gpu', 'no GPU')}, torch {env['torch']} (CUDA {env['cuda']}), "
-             f"python {env['python']}, {env['cores']} cores, {report['seconds']:.0f} s"]
+    """The report as Markdown: a header line (machine, torch, command), one section per part, targets."""
+    env, res, p = report["env"], report["results"], report["profile"]
+    lines = [f"GPU suite ({env['profile']}): {env.get('gpu', 'no GPU')}, torch {env['torch']} (CUDA {env['cuda']}), "
+             f"python {env['python']}, {env['cores']} cores, {report['seconds']:.0f} s; `{report.get('command', '')}`"]
     for name in report["parts"]:
         r = res.get(name) or {}
-        lines.append(f"\n## {name}: {r.get('status', 'not run')} ({_f(r.get('part_seconds'), '{:.0f}')} s)"
-                     + (f"  error: {r['error']}" if r.get("error") else ""))
+        lines += ["", f"### {name}: {r.get('status', 'not run')} ({_f(r.get('part_seconds'), '{:.0f}')} s)"
+                  + (f"; error: {r['error']}" if r.get("error") and not isinstance(r.get("error"), int) else ""), ""]
         if name == "gpu_tests" and "tests" in r:
-            lines.append(f"passed {r['passed']}, failed {r['failed']}, errors {r['errors']}, "
-                         f"skipped {r['skipped']}")
-            lines += [f"  {t['outcome']:>7} {t['test']}  {t['message'][:120]}" for t in r["tests"] if t["outcome"] != "passed"]
+            lines.append(f"passed {r['passed']}, failed {r['failed']}, errors {r['errors']}, skipped {r['skipped']}")
+            lines += [f"- {t['outcome']} `{t['test']}`: {t['message'][:160]}" for t in r["tests"] if t["outcome"] != "passed"]
         if name == "train":
-            lines.append(f"{'arm':<8} {'prec':<5} {'chl':<4} {'images/s':>9} {'peak MiB':>9} {'data wait':>9}  status")
-            for row in r.get("trainer", []) + r.get("peer", []):
-                lines.append(f"{row['arm']:<8} {row['precision']:<5} {'on' if row['channels_last'] else 'off':<4} "
-                             f"{_f(row.get('images_per_sec'), '{:9.2f}'):>9} {_f(row.get('peak_mem_mb'), '{:9.0f}'):>9} "
-                             f"{_f(row.get('data_wait_frac'), '{:9.1%}'):>9}  {row.get('status')}"
-                             + (f": {row['error'][:100]}" if row.get("error") else ""))
-            for p, v in (r.get("trainer_vs_peer") or {}).items():
-                lines.append(f"trainer_vs_peer[{p}]={_f(v['trainer_vs_peer'], '{:.2f}')} "
-                             f"(trainer best format: {_f(v['trainer_best_vs_peer'], '{:.2f}')})")
+            lines.append(f"`{p['config']}`, {p['size']} px, batch {p['batch']}, data.workers {p['train_workers']}, "
+                         f"{p['steps']} steps (first {p['warm_steps']} not timed); peer: {p['peer_steps']} timed steps")
+            lines.append("")
+            lines += _md(["arm", "precision", "channels_last", "images/s", "peak MiB", "data wait", "status"],
+                         [[row["arm"], row["precision"], "on" if row["channels_last"] else "off",
+                           _f(row.get("images_per_sec"), "{:.2f}"), _f(row.get("peak_mem_mb"), "{:.0f}"),
+                           _f(row.get("data_wait_frac"), "{:.1%}"), _why(row, 100)]
+                          for row in r.get("trainer", []) + r.get("peer", [])])
+            lines.append("")
+            lines += [f"- trainer_vs_peer[{k}] = {_f(v['trainer_vs_peer'], '{:.2f}')} (trainer's best format: "
+                      f"{_f(v['trainer_best_vs_peer'], '{:.2f}')})" for k, v in (r.get("trainer_vs_peer") or {}).items()]
             if r.get("peer_error"):
-                lines.append(f"peer error: {r['peer_error']}")
+                lines.append(f"- peer error: {r['peer_error']}")
         if name == "data_wait":
-            for row in r.get("rows", []):
-                lines.append(f"workers {row['workers']:>2}: data wait {_f(row.get('data_wait_frac'), '{:.1%}')}, "
-                             f"{_f(row.get('images_per_sec'), '{:.2f}')} images/s  {row.get('status')}"
-                             + (f" (reused from {row['reused']})" if row.get("reused") else "")
-                             + (f": {row['error'][:100]}" if row.get("error") else ""))
-            d = r.get("decode") or {}
+            lines += _md(["data.workers", "data wait", "images/s", "status"],
+                         [[row["workers"], _f(row.get("data_wait_frac"), "{:.1%}"), _f(row.get("images_per_sec"), "{:.2f}"),
+                           _why(row, 100) + (f" (the {row['reused']} run)" if row.get("reused") else "")]
+                          for row in r.get("rows", [])])
+            d, g = r.get("decode") or {}, r.get("decode_device_run")
             if d:
-                lines.append(f"decode_jpeg: CPU 1 thread {_f(d.get('cpu_images_per_sec'))} images/s, "
-                             f"{d.get('device', 'device')} batched {_f(d.get('device_images_per_sec'))} images/s"
-                             + (f" ({d['device_error'][:100]})" if d.get("device_error") else ""))
-            g = r.get("decode_device_run")
+                lines.append(f"\n- decode_jpeg over {d.get('images')} shard JPEGs: CPU (1 thread) "
+                             f"{_f(d.get('cpu_images_per_sec'))} images/s, {d.get('device', 'device')} (batched) "
+                             f"{_f(d.get('device_images_per_sec'))} images/s" + (f"; {d['device_error'][:160]}" if d.get("device_error") else ""))
             if g:
-                lines.append(f"data.decode_device run (workers {g['workers']}): {g.get('status')}, data wait "
-                             f"{_f(g.get('data_wait_frac'), '{:.1%}')}" + (f": {g['error'][:100]}" if g.get("error") else ""))
+                lines.append(f"- data.decode_device={p['device']} at data.workers {g['workers']}: data wait "
+                             f"{_f(g.get('data_wait_frac'), '{:.1%}')}, {_f(g.get('images_per_sec'), '{:.2f}')} images/s, {_why(g)}")
         if name == "deepspeed":
-            for row in r.get("rows", []):
-                lines.append(f"ZeRO-2 {row['precision']:<5}: {row.get('status')} {_f(row.get('images_per_sec'), '{:.2f}')} images/s, "
-                             f"peak {_f(row.get('peak_mem_mb'), '{:.0f}')} MiB" + (f"  error: {row['error'][:300]}" if row.get("error") else ""))
+            lines += _md(["ZeRO-2", "images/s", "peak MiB", "status"],
+                         [[row["precision"], _f(row.get("images_per_sec"), "{:.2f}"), _f(row.get("peak_mem_mb"), "{:.0f}"),
+                           _why(row, 400)] for row in r.get("rows", [])])
         if name == "inference":
-            for row in r.get("rows", []):
-                lines.append(f"predict {row['mode']:<9}: {row.get('status')} {_f(row.get('images_per_sec'), '{:.2f}')} images/s"
-                             + (f"  error: {row['error'][:200]}" if row.get("error") else ""))
+            lines.append(f"`fashionseg predict` on {res.get('inference', {}).get('split', 'val')}, batch {p['infer_batch']}"
+                         + (", score_thresh 0 (detections_per_img detections per image)" if p.get("infer_score_thresh") == 0 else ""))
+            lines.append("")
+            lines += _md(["mode", "images", "images/s", "status"],
+                         [[row["mode"], row.get("images", "-"), _f(row.get("images_per_sec"), "{:.2f}"), _why(row, 200)]
+                          for row in r.get("rows", [])])
             if r.get("fold"):
-                lines.append(f"fold: {r['fold']}")
-    lines.append("\n## targets")
-    for k, v in report["targets"].items():
-        lines.append(f"{k}: {json.dumps(v)}")
+                lines.append(f"\n- conv-BN folding: {r['fold']}")
+    lines += ["", "### targets", ""]
+    lines += _md(["figure", "value", "target", "met"], _target_rows(report["targets"]))
     return "\n".join(lines)
+
+
+def _target_rows(t: dict) -> list[list]:
+    rows = []
+    for p in ("fp16", "bf16"):
+        v = t[f"{p}_vs_fp32"]
+        rows.append([f"{p} vs fp32 images/s (peak memory)", f"{_f(v['speedup'], '{:.2f}x')} ({_f(v['peak_mem_ratio'], '{:.2f}x')})",
+                     ">= 1.5x at < 1x memory", v["met"]])
+    v = t["trainer_vs_peer"]
+    rows.append(["trainer_vs_peer", ", ".join(f"{k} {_f(x, '{:.2f}')}" for k, x in v["values"].items()) or "-", ">= 1.0", v["met"]])
+    v = t["data_wait_shipped_config"]
+    rows.append([f"data wait, shipped config (data.workers {v['workers']})", _f(v["data_wait_frac"], "{:.1%}"), "< 5%", v["met"]])
+    return rows
 
 
 def main() -> int:
@@ -267,7 +327,8 @@ def main() -> int:
     log = out / "gpu_suite_log.txt"
     log.write_text("")
     work = Path(tempfile.mkdtemp(prefix="gpu_suite_"))
-    report: dict = {"env": environment(p), "profile": p, "parts": parts, "results": {}, "work": str(work)}
+    report: dict = {"env": environment(p), "profile": p, "parts": parts, "results": {}, "work": str(work),
+                    "command": " ".join(["bash bench/gpu_suite.sh", *sys.argv[1:]])}
     print(f"GPU suite ({p['name']}): parts {', '.join(parts)}; budget {budget:.0f} s; work {work}", flush=True)
     try:
         try:
@@ -275,17 +336,35 @@ def main() -> int:
         except Exception as e:  # noqa: BLE001 - without data no part can run; say so in the JSON
             data = {"status": "error", "error": f"{type(e).__name__}: {e}"[:1500]}
         report["data"] = data
-        ctx = {"profile": p, "work": str(work), "log": str(log), "results": report["results"], **data}
-        for i, name in enumerate(parts):
-            if "error" in data:
-                report["results"][name] = {"status": "error", "error": "no data: " + data["error"]}
-                continue
-            left = budget - (time.time() - t_start)
-            later = sum(p["parts"][n] for n in parts[i + 1:])
-            timeout = max(5.0, min(p["parts"][name] * 1.5, left - 0.6 * later))
-            print(f"[{time.time() - t_start:5.0f} s] {name} (up to {timeout:.0f} s) ...", flush=True)
-            report["results"][name] = run_part(name, ctx, timeout, work)
-            print(f"[{time.time() - t_start:5.0f} s] {name}: {report['results'][name].get('status')}", flush=True)
+        if data.get("pretrained"):  # trainer and peer build the model as the real recipe does (calibrated_backbone)
+            p["train_overrides"] = [o for o in p["train_overrides"] if not o.startswith("model.pretrained=")] + \
+                [f"model.pretrained={data['pretrained']}"]
+        ctx = {"profile": p, "work": str(work), "log": str(log), **data}
+        lock = threading.Lock()  # results are shared with the side thread
+
+        def sequence(names: list[str]) -> None:
+            for i, name in enumerate(names):
+                if "error" in data:
+                    report["results"][name] = {"status": "error", "error": "no data: " + data["error"]}
+                    continue
+                left = budget - (time.time() - t_start)
+                later = sum(p["parts"][n] for n in names[i + 1:])
+                timeout = max(5.0, min(p["parts"][name] * 1.5, left - 0.6 * later))
+                print(f"[{time.time() - t_start:5.0f} s] {name} (up to {timeout:.0f} s) ...", flush=True)
+                with lock:
+                    part_ctx = {**ctx, "results": dict(report["results"])}
+                result = run_part(name, part_ctx, timeout, work)
+                with lock:
+                    report["results"][name] = result
+                print(f"[{time.time() - t_start:5.0f} s] {name}: {result.get('status')}", flush=True)
+
+        # smoke: parts that need no other part's result run beside the others (CPU figures mean
+        # nothing anyway); on the GPU everything runs alone, one part after the other
+        side = [n for n in parts if n in p["concurrent"]]
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            beside = pool.submit(sequence, side)
+            sequence([n for n in parts if n not in side])
+            beside.result()
     finally:
         report["seconds"] = time.time() - t_start
         report["targets"] = targets(report["results"])
