@@ -10,7 +10,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# the smoke run shares a small CPU; on the GPU machine every process keeps torch's own thread count
+case " $* " in *" --smoke "*) export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} ;; esac
 NEEDED="pycocotools webdataset pydantic yaml rich"
 OPTIONAL="deepspeed hjson fashionpedia"
 missing() {  # the modules of "$@" this python cannot find (find_spec: nothing is imported)
