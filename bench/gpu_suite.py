@@ -330,6 +330,15 @@ def main() -> int:
     report: dict = {"env": environment(p), "profile": p, "parts": parts, "results": {}, "work": str(work),
                     "command": " ".join(["bash bench/gpu_suite.sh", *sys.argv[1:]])}
     print(f"GPU suite ({p['name']}): parts {', '.join(parts)}; budget {budget:.0f} s; work {work}", flush=True)
+
+    def save() -> str:
+        report["seconds"] = time.time() - t_start
+        report["targets"] = targets(report["results"])
+        text = table(report)
+        (out / "gpu_suite.json").write_text(json.dumps(report, indent=1, default=str))
+        (out / "gpu_suite.txt").write_text(text + "\n")
+        return text
+
     try:
         try:
             data = prepare_data(work, p, log)
@@ -356,6 +365,7 @@ def main() -> int:
                 result = run_part(name, part_ctx, timeout, work)
                 with lock:
                     report["results"][name] = result
+                    save()  # what is done so far survives a kill of the whole suite
                 print(f"[{time.time() - t_start:5.0f} s] {name}: {result.get('status')}", flush=True)
 
         # smoke: parts that need no other part's result run beside the others (CPU figures mean
@@ -366,11 +376,7 @@ def main() -> int:
             sequence([n for n in parts if n not in side])
             beside.result()
     finally:
-        report["seconds"] = time.time() - t_start
-        report["targets"] = targets(report["results"])
-        text = table(report)
-        (out / "gpu_suite.json").write_text(json.dumps(report, indent=1, default=str))
-        (out / "gpu_suite.txt").write_text(text + "\n")
+        text = save()
         print(text)
         print(f"\nwrote {out / 'gpu_suite.json'}, {out / 'gpu_suite.txt'}, {log}")
         if not args.keep:
