@@ -236,9 +236,9 @@ def assert_clean_finish(out: Path, log: str, rc: int, reference: Path) -> None:
     assert rc == 0, log[-6000:]
     wait_for(lambda: not run_procs(out), 60, "every process of the run to end (remote ones end on SIGHUP)")
     assert not list((out / "checkpoints").glob(".*")), "a half-written checkpoint was left"
-    from fashionseg.train.checkpoint import list_checkpoints, load_trainer_state
+    from fashionseg.train.checkpoint import list_checkpoints, read
     for c in list_checkpoints(out):  # every checkpoint folder is complete and loads
-        assert load_trainer_state(c)["step"] == int(c.name[5:])
+        assert read(c)["step"] == int(c.name[5:])
     ev = events(out)
     assert ev[-1] == {**ev[-1], "event": "exit", "code": 0}
     assert [e["step"] for e in ev if e["event"] == "done"] == [MAX_STEPS]

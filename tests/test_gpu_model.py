@@ -113,13 +113,13 @@ def test_channels_last_gives_the_same_features_and_loss():
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_trainer_skips_a_nonfinite_step_without_moving_the_weights(synth_shards, tmp_path, precision):
-    """train.debug_nan_steps poisons the loss of both steps: the weights must end as they began."""
+    """The fault worker (tests/train_fault_worker.py) poisons the loss of both steps: the weights must
+    end as they began."""
     _skip_unsupported(precision)
     out = tmp_path / precision
-    proc = run(train_cmd(synth_shards, out, "train.max_steps=2", "train.debug_nan_steps=[1,2]", f"train.precision={precision}",
-                         "train.deterministic=false", "train.checkpoint_every=100", "train.max_nonfinite=5"), ok=False)
-    if proc.returncode != 0 and "debug_nan_steps" in proc.stderr and "unknown" in proc.stderr:
-        pytest.skip("the trainer has no train.debug_nan_steps hook any more")
+    cmd = train_cmd(synth_shards, out, "train.max_steps=2", f"train.precision={precision}",
+                    "train.deterministic=false", "train.checkpoint_every=100", "train.max_nonfinite=5")
+    proc = run([cmd[0], str(ROOT / "tests" / "train_fault_worker.py"), "--nan-steps", "1,2", "--", *cmd[3:]], ok=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert metrics(out)[-1]["skipped_steps"] == 2
     final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)
