@@ -59,18 +59,11 @@ def prepare(work: Path, images: int, size: int) -> tuple[Path, Path]:
     return shards, synth
 
 
-def decode_kaggle(encoded: str, h: int, w: int) -> np.ndarray:
-    """Kaggle RLE (1-based starts, column-major) -> uint8 [h, w]."""
-    flat = np.zeros(h * w, dtype=np.uint8)
-    nums = [int(x) for x in encoded.split()]
-    for start, length in zip(nums[0::2], nums[1::2]):
-        flat[start - 1:start - 1 + length] = 1
-    return flat.reshape(w, h).T
-
-
 def write_coco(work: Path, synth: Path, shards: Path) -> dict[str, Path]:
     """COCO JSONs (RLE masks, category id = Kaggle ClassId + 1) for the shards' train/val keys."""
     from pycocotools import mask as mask_utils
+
+    from fashionseg.data.rle import kaggle_to_coco
 
     manifest = json.loads((shards / "manifest.json").read_text())
     split_of = {s["key"]: split for split, info in manifest["splits"].items() for shard in info["shards"] for s in shard["samples"]}
@@ -87,13 +80,12 @@ def write_coco(work: Path, synth: Path, shards: Path) -> dict[str, Path]:
             if row["ImageId"] not in ids:
                 ids[row["ImageId"]] = len(ids) + 1
                 out[split]["images"].append({"id": ids[row["ImageId"]], "file_name": row["ImageId"] + ".jpg", "height": h, "width": w})
-            m = decode_kaggle(row["EncodedPixels"], h, w)
-            rle = mask_utils.encode(np.asfortranarray(m))
-            x, y, bw, bh = mask_utils.toBbox(rle).tolist()
-            rle["counts"] = rle["counts"].decode()
+            rle, _ = kaggle_to_coco(row["EncodedPixels"], h, w)
+            binary = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
+            x, y, bw, bh = mask_utils.toBbox(binary).tolist()
             out[split]["annotations"].append({"id": len(out["train"]["annotations"]) + len(out["val"]["annotations"]) + 1,
                                               "image_id": ids[row["ImageId"]], "category_id": int(row["ClassId"]) + 1,
-                                              "segmentation": rle, "area": float(m.sum()), "bbox": [x, y, bw, bh], "iscrowd": 0})
+                                              "segmentation": rle, "area": float(mask_utils.area(binary)), "bbox": [x, y, bw, bh], "iscrowd": 0})
     paths = {}
     for split, data in out.items():
         paths[split] = work / f"coco_{split}.json"

@@ -5,7 +5,8 @@ rebuilt without pretrained weights, so its norm layers are BatchNorm2d); the fol
 same weights after `fold_batchnorm` (what eval/predict get by default). Random weights, random
 uint8 images of --height x --width (the model does not resize: that is the data layer's job),
 score_thresh 0 so every image carries --dets detections through the mask and attribute heads.
-Arms alternate --repeats times (order flipped each time), --images images each; the figure per
+Measured for the whole model and for the backbone alone (body + FPN, where the BatchNorm
+layers are; the RoI heads of R18/R50-FPN have none). Arms alternate --repeats times (order flipped each time), --images images each; the figure per
 arm is mean +- std of the per-repeat images/s, per wall second and (on CPU) per CPU second of
 this process (steadier on a shared machine: it counts the work, not the waiting).
 
@@ -31,13 +32,13 @@ def sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def images_per_second(model, images, n: int, device: torch.device) -> tuple[float, float]:
-    """(images per wall second, images per CPU second of this process)."""
+def images_per_second(run, n: int, batch: int, device: torch.device) -> tuple[float, float]:
+    """(images per wall second, images per CPU second of this process) of `run()` on `batch` images."""
     sync(device)
     t0, c0, done = time.perf_counter(), time.process_time(), 0
     while done < n:
-        model(images)
-        done += len(images)
+        run()
+        done += batch
     sync(device)
     return done / (time.perf_counter() - t0), done / (time.process_time() - c0)
 
@@ -53,26 +54,34 @@ def bench(backbone: str, args, device: torch.device) -> None:
                 m.running_var.uniform_(0.5, 2.0)
     folded = copy.deepcopy(unfolded)
     count = fold_batchnorm(folded)
-    arms = {"unfolded": unfolded.to(device), "folded": folded.to(device)}
+    models = {"unfolded": unfolded.to(device), "folded": folded.to(device)}
     g = torch.Generator().manual_seed(0)
     images = [torch.randint(0, 256, (3, args.height, args.width), dtype=torch.uint8, generator=g).to(device)
               for _ in range(args.batch_size)]
-    for model in arms.values():
-        images_per_second(model, images, args.warmup, device)
-    rates = {(arm, clock): [] for arm in arms for clock in ("wall", "CPU")}
+    with torch.no_grad():
+        tensors = unfolded.transform(images)[0].tensors
+    # the whole model, and the backbone alone (body + FPN: where the BatchNorm layers are)
+    runs = {(part, arm): (lambda m=m: m(images)) if part == "model" else (lambda m=m: m.backbone(tensors))
+            for part in ("model", "backbone") for arm, m in models.items()}
+    for run in runs.values():
+        images_per_second(run, args.warmup, len(images), device)
+    rates = {key: {"wall": [], "CPU": []} for key in runs}
     for r in range(args.repeats):
-        for arm in (("unfolded", "folded") if r % 2 == 0 else ("folded", "unfolded")):
-            wall, cpu = images_per_second(arms[arm], images, args.images, device)
-            rates[arm, "wall"].append(wall)
-            rates[arm, "CPU"].append(cpu)
+        for part in ("model", "backbone"):
+            for arm in (("unfolded", "folded") if r % 2 == 0 else ("folded", "unfolded")):
+                wall, cpu = images_per_second(runs[part, arm], args.images, len(images), device)
+                rates[part, arm]["wall"].append(wall)
+                rates[part, arm]["CPU"].append(cpu)
     print(f"{backbone}: {count} BatchNorm layers folded")
-    for clock in ("wall", "CPU") if device.type == "cpu" else ("wall",):
-        for arm in arms:
-            v = rates[arm, clock]
-            print(f"  {clock:4s} {arm:9s} {statistics.mean(v):7.2f} +- {statistics.stdev(v):5.2f} images/{clock} s  "
-                  f"({', '.join(f'{x:.2f}' for x in v)})")
-        speedup = [f / u for f, u in zip(rates["folded", clock], rates["unfolded", clock])]
-        print(f"  {clock:4s} folded/unfolded = {statistics.mean(speedup):.3f} +- {statistics.stdev(speedup):.3f} (per-repeat ratios)")
+    for part in ("model", "backbone"):
+        for clock in ("wall", "CPU") if device.type == "cpu" else ("wall",):
+            for arm in models:
+                v = rates[part, arm][clock]
+                print(f"  {part:8s} {clock:4s} {arm:9s} {statistics.mean(v):7.2f} +- {statistics.stdev(v):5.2f} "
+                      f"images/{clock} s  ({', '.join(f'{x:.2f}' for x in v)})")
+            speedup = [f / u for f, u in zip(rates[part, "folded"][clock], rates[part, "unfolded"][clock])]
+            print(f"  {part:8s} {clock:4s} folded/unfolded = {statistics.mean(speedup):.3f} +- {statistics.stdev(speedup):.3f} "
+                  "(per-repeat ratios)")
 
 
 def main() -> None:
