@@ -131,3 +131,8 @@ def test_snapshots_evaluate_as_an_ensemble(restarts_run, synth_shards, tmp_path)
                  "--no-progress", "--no-iou-f1"]) == 0
     m = json.loads(out.read_text())
     assert m["weights"] == snaps and m["num_images"] == 6 and 0.0 <= m["segm"]["AP"] <= 1.0
+    # with TTA: every snapshot x every variant
+    assert main(["eval", "--weights", *snaps[1:], "--shards", str(synth_shards), "--out", str(out), "--device", "cpu",
+                 "--no-progress", "--no-iou-f1", "--tta", "--tta-scales", "1.0", "--max-images", "2"]) == 0
+    m = json.loads(out.read_text())
+    assert m["tta_scales"] == [1.0] and m["num_images"] == 2 and 0.0 <= m["segm"]["AP"] <= 1.0
