@@ -3,6 +3,7 @@ weights loading errors; eval and tune-thresholds end to end on a small random mo
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from fashionseg.data.rle import decode_coco
 from fashionseg.data.shards.reader import read_manifest
 from fashionseg.data.vocab import Vocab
 from fashionseg.eval import inference as inf
-from fashionseg.eval.predict import merge_passes, tta_outputs
+from fashionseg.eval.ensemble import merge_passes, tta_outputs
 from fashionseg.eval.submission import SubmissionError, disjoint_masks, read_submission
 
 
@@ -358,3 +359,63 @@ def test_distributed_eval_equals_single_process(weights, resized_shards, tmp_pat
         m.pop("infer_seconds")
     assert ranks[0] == ranks[1] == single
     assert single["num_images"] == 6 and single["num_detections"] == 6 * 4
+
+
+# -- ensembles (--weights A B C) --------------------------------------------------------------------
+def test_two_identical_weights_files_equal_one(weights, resized_shards, image_folder, tmp_path):
+    """Merging a pass with an identical copy of itself gives back exactly that pass (every cluster is a
+    detection and its copy: score (s + s) / 2 = s, box with weights 1/2 each, mask and attribute means
+    of equal values), so predict and eval of [W, copy of W] equal those of W, to the bit."""
+    twin = tmp_path / "twin.pth"
+    shutil.copy(weights, twin)
+    outs = {}
+    for name, ws in {"one": [str(weights)], "two": [str(weights), str(twin)]}.items():
+        outs[name] = tmp_path / name
+        assert fashionseg_main(["predict", "--weights", *ws, str(image_folder), str(resized_shards), "--split", "val",
+                                "--out", str(outs[name]), "--device", "cpu", "--no-progress", "--no-overlays"]) == 0
+        assert fashionseg_main(["eval", "--weights", *ws, "--shards", str(resized_shards), "--out",
+                                str(outs[name] / "eval.json"), "--device", "cpu", "--no-progress"]) == 0
+    one, two = (json.loads((outs[n] / "predictions.json").read_text()) for n in ("one", "two"))
+    assert len(one) > 0 and one == two
+    assert (outs["one"] / "submission.csv").read_text() == (outs["two"] / "submission.csv").read_text()
+    m1, m2 = (json.loads((outs[n] / "eval.json").read_text()) for n in ("one", "two"))
+    assert m1.pop("weights") == str(weights) and m2.pop("weights") == [str(weights), str(twin)]
+    m1.pop("infer_seconds"), m2.pop("infer_seconds")
+    assert m1 == m2
+
+
+def test_ensemble_combines_with_tta(weights, image_folder):
+    """Every model x every TTA variant: two copies of a model under TTA merge to that model's TTA
+    result (the same clusters, each twice; equal up to float summation order)."""
+    from fashionseg.data.eval_source import decode_for_test
+    from fashionseg.eval.ensemble import TTA, ensemble_outputs
+
+    a, _, _ = inf.load_weights(weights, "cpu")
+    b, _, _ = inf.load_weights(weights, "cpu")
+    img, _ = decode_for_test(image_folder / "odd_a.jpg", 64, 96)
+    tta = TTA((0.75, 1.0))
+    with torch.no_grad():
+        single = ensemble_outputs([a], [img], [tuple(img.shape[-2:])], tta)[0]
+        pair = ensemble_outputs([a, b], [img], [tuple(img.shape[-2:])], tta)[0]
+        assert single["scores"].tolist() == pytest.approx(tta_outputs(a, [img], scales=(0.75, 1.0))[0]["scores"].tolist())
+    assert pair["labels"].tolist() == single["labels"].tolist() and len(single["scores"]) > 0
+    for k in ("boxes", "scores", "masks", "attribute_scores"):
+        torch.testing.assert_close(pair[k], single[k], rtol=1e-5, atol=1e-6)
+
+
+def test_ensemble_refuses_other_vocabularies(weights, resized_shards, tmp_path, capsys):
+    from fashionseg.eval.ensemble import load_ensemble
+
+    ckpt = torch.load(weights, weights_only=True)
+    other = tmp_path / "other.pth"
+    renamed = [dict(c) for c in ckpt["categories"]]
+    renamed[0]["name"] = renamed[0]["name"] + "_x"
+    torch.save({**ckpt, "categories": renamed}, other)
+    with pytest.raises(inf.WeightsError, match=rf"{weights} and {other} have different categories"):
+        load_ensemble([str(weights), str(other)], "cpu")
+    assert fashionseg_main(["eval", "--weights", str(weights), str(other), "--shards", str(resized_shards),
+                            "--out", str(tmp_path / "e.json"), "--device", "cpu", "--no-progress"]) == 1
+    assert fashionseg_main(["predict", "--weights", str(weights), str(other), str(resized_shards),
+                            "--out", str(tmp_path / "p"), "--device", "cpu", "--no-progress"]) == 1
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
+    assert err.count("have different categories") == 2 and not (tmp_path / "e.json").exists()

@@ -11,6 +11,11 @@ against the original-resolution ground truth, as Kaggle and the official Fashion
 do, also for shards built with `--max-size`; `--grid stored` scores on the shard images' grid.
 Image ids are the source's own (COCO `images[].id`; Kaggle sources: the id the build assigned).
 
+Ensembles: `model` may be a list of models (`--weights A B C`, one vocabulary; the test scale and
+post-processing thresholds are the first file's unless flags say otherwise) and `tta` a
+`ensemble.TTA`: every model x every TTA variant, merged per image as ensemble.py says. One model
+without TTA is scored exactly as before.
+
 Metrics dict: score.score_results' layout (also the JSON written by `--out`) plus "split",
 "grid", "mask_thresh", "attr_thresh", "test_size", "max_size", "infer_seconds"; the command's
 JSON adds "weights", "shards", "score_thresh" and "nms_thresh" (the post-processing it ran with:
@@ -32,6 +37,7 @@ import torch
 from fashionseg.data.vocab import Vocab
 from fashionseg.eval import coco as coco_lib
 from fashionseg.eval import inference as inf
+from fashionseg.eval.ensemble import DEFAULT_TTA_SCALES, TTA, ensemble_outputs, load_ensemble
 from fashionseg.eval.fashionpedia import parse_attribute_categories
 from fashionseg.eval.score import add_attribute_categories_argument, score_results
 from fashionseg.io import atomic_write_json
@@ -66,18 +72,25 @@ def _default_scale(net) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def run_split(model: torch.nn.Module, shard_dir, split: str, vocab: Vocab, *, mask_thresh: float, batch_size: int,
-              device, test_size: int, max_size: int, grid: str = "original", accelerator=None,
-              attr_thresh: float = 0.5, max_images: int | None = None,
-              progress: bool = True) -> tuple[list[dict] | None, float]:
-    """Infer this rank's share of `split`; on rank 0 return (all results, seconds), else (None, s)."""
-    from fashionseg.data.eval_source import iter_eval_samples
+def _models(model) -> list[torch.nn.Module]:
     from fashionseg.model.build import unwrap
 
+    # no DDP wrapper: ranks run different numbers of batches, without collectives
+    return [unwrap(m) for m in (model if isinstance(model, (list, tuple)) else [model])]
+
+
+def run_split(model: torch.nn.Module | list[torch.nn.Module], shard_dir, split: str, vocab: Vocab, *, mask_thresh: float, batch_size: int,
+              device, test_size: int, max_size: int, grid: str = "original", accelerator=None,
+              attr_thresh: float = 0.5, max_images: int | None = None, progress: bool = True,
+              tta: TTA | None = None) -> tuple[list[dict] | None, float]:
+    """Infer this rank's share of `split`; on rank 0 return (all results, seconds), else (None, s)."""
+    from fashionseg.data.eval_source import iter_eval_samples
+
     rank, world = inf.rank_and_world(accelerator)
-    net = unwrap(model)  # no DDP wrapper: ranks run different numbers of batches, without collectives
-    was_training = net.training
-    net.eval()
+    nets = _models(model)
+    was_training = [net.training for net in nets]
+    for net in nets:
+        net.eval()
     results: list[dict] = []
     total = inf.rank_share(inf.split_size(shard_dir, split, max_images), rank, world)
     t0 = time.perf_counter()
@@ -88,7 +101,7 @@ def run_split(model: torch.nn.Module, shard_dir, split: str, vocab: Vocab, *, ma
         with progress_bar(progress and rank == 0, f"eval {split}", total) as advance:
             for batch in inf.batched(samples, batch_size):
                 sizes = [s.original_size if grid == "original" else s.stored_size for s in batch]
-                outputs = inf.forward_by_shape(net, [s.image.to(device) for s in batch], sizes)
+                outputs = ensemble_outputs(nets, [s.image.to(device) for s in batch], sizes, tta)
                 for s, out, size in zip(batch, outputs, sizes):
                     results += inf.outputs_to_results(out, s.image_id, vocab, mask_thresh=mask_thresh,
                                                       attr_thresh=attr_thresh, out_size=size)
@@ -99,7 +112,8 @@ def run_split(model: torch.nn.Module, shard_dir, split: str, vocab: Vocab, *, ma
         # still join the gather below, or the other ranks would wait there until the timeout
         error = (type(e), f"rank {rank}: {e}")
     finally:
-        net.train(was_training)
+        for net, mode in zip(nets, was_training):
+            net.train(mode)
     seconds = time.perf_counter() - t0
     parts = inf.gather_to_main((results, error), accelerator)
     errors = inf.broadcast_from_main([p[1] for p in parts if p[1] is not None] if parts is not None else None, accelerator)
@@ -111,10 +125,11 @@ def run_split(model: torch.nn.Module, shard_dir, split: str, vocab: Vocab, *, ma
     return [r for p in parts for r in p[0]], seconds
 
 
-def evaluate_model(model: torch.nn.Module, shard_dir, split: str, vocab: Vocab, *, mask_thresh: float, batch_size: int,
+def evaluate_model(model: torch.nn.Module | list[torch.nn.Module], shard_dir, split: str, vocab: Vocab, *, mask_thresh: float, batch_size: int,
                    device, accelerator=None, attr_thresh: float = 0.5, max_images: int | None = None,
                    iou_f1: bool = True, progress: bool = True, test_size: int | None = None,
-                   max_size: int | None = None, grid: str = "original", attribute_categories="official") -> dict:
+                   max_size: int | None = None, grid: str = "original", attribute_categories="official",
+                   tta: TTA | None = None) -> dict:
     """Metrics of `model` on `split` of a shard set (module docstring); identical on every rank.
 
     `test_size`/`max_size`: the test scale (the run's data.test_size or max data.min_size, and
@@ -129,14 +144,12 @@ def evaluate_model(model: torch.nn.Module, shard_dir, split: str, vocab: Vocab, 
     if inf.split_size(shard_dir, split, max_images) == 0:
         return empty_split(split)
     if test_size is None or max_size is None:
-        from fashionseg.model.build import unwrap
-
-        default = _default_scale(unwrap(model))
+        default = _default_scale(_models(model)[0])
         test_size, max_size = test_size or default[0], max_size or default[1]
     results, seconds = run_split(model, shard_dir, split, vocab, mask_thresh=mask_thresh, batch_size=batch_size,
                                  device=device, test_size=test_size, max_size=max_size, grid=grid,
                                  accelerator=accelerator, attr_thresh=attr_thresh, max_images=max_images,
-                                 progress=progress)
+                                 progress=progress, tta=tta)
     metrics, error = None, None
     if results is not None:
         try:
@@ -187,10 +200,15 @@ class progress_bar:  # noqa: N801 (used like a function)
 
 # -- command ------------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", required=True, help="model_final.pth written by `fashionseg train`")
+    p.add_argument("--weights", required=True, nargs="+", metavar="W",
+                   help="model_final.pth written by `fashionseg train`; several (e.g. RUN/snapshots/cycle_*.pth): "
+                        "an ensemble, detections merged as --tta merges passes")
     p.add_argument("--shards", required=True, help="shard folder (with manifest.json)")
     p.add_argument("--split", default="val")
-    p.add_argument("--out", default=None, help="write the metrics JSON here (default: eval.json beside the weights)")
+    p.add_argument("--out", default=None, help="write the metrics JSON here (default: eval.json beside the weights; "
+                   "eval_ensemble.json beside the first of several)")
+    p.add_argument("--tta", action="store_true", help="horizontal flip x --tta-scales, merged (ensemble.py)")
+    p.add_argument("--tta-scales", type=float, nargs="+", default=list(DEFAULT_TTA_SCALES))
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     inf.add_postprocess_arguments(p)
@@ -243,15 +261,17 @@ def _run(args: argparse.Namespace) -> int:
     try:
         accelerator, device = _accelerator(args.device)
         spec = parse_attribute_categories(args.attribute_categories)
-        model, vocab, model_cfg, config = inf.load_for_inference(args.weights, device)
+        loaded = load_ensemble(args.weights, device)
+        vocab, config = loaded[0].vocab, loaded[0].config
         test_size, max_size = inf.inference_scale(config, args.test_size, args.max_size)
-        post = inf.apply_postprocess(model, model_cfg, args)
+        post = [inf.apply_postprocess(m.model, m.model_cfg, args) for m in loaded][0]
         mask_thresh = post["mask_thresh"]
-        metrics = evaluate_model(model, args.shards, args.split, vocab, mask_thresh=mask_thresh,
+        tta = TTA(tuple(args.tta_scales)) if args.tta else None
+        metrics = evaluate_model([m.model for m in loaded], args.shards, args.split, vocab, mask_thresh=mask_thresh,
                                  batch_size=args.batch_size, device=device, accelerator=accelerator,
                                  attr_thresh=args.attr_thresh, max_images=args.max_images,
                                  iou_f1=not args.no_iou_f1, progress=not args.no_progress, test_size=test_size,
-                                 max_size=max_size, grid=args.grid, attribute_categories=spec)
+                                 max_size=max_size, grid=args.grid, attribute_categories=spec, tta=tta)
     except (inf.WeightsError, ManifestError, ShardError, coco_lib.EvalDataError, ValueError) as e:
         console.print(f"[red]error:[/] {escape(str(e))}")
         return 1
@@ -261,9 +281,12 @@ def _run(args: argparse.Namespace) -> int:
     if metrics.get("empty"):
         console.print(f"[red]error:[/] split '{escape(args.split)}' of {escape(str(args.shards))} has no images: nothing to evaluate")
         return 1
-    metrics.update(weights=str(args.weights), shards=str(args.shards),
+    one = len(args.weights) == 1
+    metrics.update(weights=str(args.weights[0]) if one else [str(w) for w in args.weights], shards=str(args.shards),
                    score_thresh=post["score_thresh"], nms_thresh=post["nms_thresh"])
-    out = Path(args.out) if args.out else Path(args.weights).with_name("eval.json")
+    if tta is not None:
+        metrics["tta_scales"] = list(tta.scales)
+    out = Path(args.out) if args.out else Path(args.weights[0]).with_name("eval.json" if one else "eval_ensemble.json")
     atomic_write_json(out, metrics)
     print_metrics(metrics, vocab.categories, Console())
     console.print(f"metrics written to {escape(str(out))}")

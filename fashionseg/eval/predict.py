@@ -31,14 +31,10 @@ an image) is reported on the console and in `skipped.json` (`[{"image_id", "sour
 gets no prediction or overlay (and no row, or the sample's row with --sample-submission), and
 the run goes on; the exit code is 0 when at least one image was predicted.
 
---tta: every test image is also run rescaled by each of --tta-scales (antialiased bilinear) and,
-per scale, also horizontally flipped (flipped back after), all on the test image's grid. All
-passes' detections are pooled and merged per class: the highest-scoring remaining detection
-opens a cluster that takes every remaining detection of its class with box IoU >= the model's
-nms_thresh. A cluster becomes one detection: score = (sum over passes of the cluster's best
-score in that pass) / number of passes (a detection found by one pass of six keeps a sixth of
-its score), box = score-weighted mean of the members' boxes, mask probabilities and attribute
-scores = mean over members. At most detections_per_img merged detections are kept.
+--tta (horizontal flip x --tta-scales) and several weights files (`--weights A B C`, e.g. the
+snapshots of a `train.schedule=cosine_restarts` run; one vocabulary) run every model x every TTA
+variant and merge the detections per image and class (ensemble.py). One file without --tta is the
+model's own output.
 """
 from __future__ import annotations
 
@@ -48,14 +44,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
 import torch
-from torchvision.ops import box_iou
 
 from fashionseg.eval import inference as inf
+from fashionseg.eval.ensemble import DEFAULT_TTA_SCALES, TTA, ensemble_outputs, load_ensemble
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-DEFAULT_TTA_SCALES = (0.8, 1.0, 1.2)
 
 
 class InputError(ValueError):
@@ -139,77 +133,13 @@ def collect_inputs(inputs: list[str], split: str | None = None, *, test_size: in
     return items(), total
 
 
-# -- test-time augmentation ---------------------------------------------------------------------
-def _unflip(out: dict, width: int) -> dict:
-    b = out["boxes"].clone()
-    b[:, 0], b[:, 2] = width - out["boxes"][:, 2], width - out["boxes"][:, 0]
-    return {**out, "boxes": b, "masks": out["masks"].flip(-1)}
-
-
-def merge_passes(outputs: list[dict], iou_thresh: float, max_dets: int) -> dict:
-    """Detections of several passes over one image -> one merged output (module docstring)."""
-    n_passes = len(outputs)
-    cat = {k: torch.cat([o[k] for o in outputs]) for k in ("boxes", "labels", "scores", "masks", "attribute_scores")}
-    pass_of = torch.cat([torch.full((len(o["scores"]),), i, dtype=torch.long) for i, o in enumerate(outputs)])
-    m = len(cat["scores"])
-    if m == 0:
-        return {k: v[:0] for k, v in cat.items()}
-    order = torch.argsort(cat["scores"], descending=True, stable=True)
-    iou = box_iou(cat["boxes"], cat["boxes"])
-    free = torch.ones(m, dtype=torch.bool)
-    merged: dict[str, list] = {k: [] for k in cat}
-    for i in order.tolist():
-        if not free[i]:
-            continue
-        members = torch.nonzero(free & (cat["labels"] == cat["labels"][i]) & (iou[i] >= iou_thresh)).flatten()
-        members = torch.unique(torch.cat([members, torch.tensor([i])]))
-        free[members] = False
-        s = cat["scores"][members]
-        best_per_pass = torch.zeros(n_passes).scatter_reduce(0, pass_of[members], s, reduce="amax")
-        merged["scores"].append(best_per_pass.sum() / n_passes)
-        boxes = cat["boxes"][members]
-        merged["boxes"].append(boxes[0] if len(members) == 1 else (boxes * s[:, None]).sum(0) / s.sum().clamp_min(1e-12))
-        merged["labels"].append(cat["labels"][i])
-        merged["masks"].append(cat["masks"][members].float().mean(0))
-        merged["attribute_scores"].append(cat["attribute_scores"][members].float().mean(0))
-    out = {k: torch.stack(v) for k, v in merged.items()}
-    keep = torch.argsort(out["scores"], descending=True, stable=True)[:max_dets]
-    return {k: v[keep] for k, v in out.items()}
-
-
-def _rescale(im: torch.Tensor, s: float) -> torch.Tensor:
-    """uint8 [3, h, w] scaled by `s` (antialiased bilinear, the kind of resize the data layer uses)."""
-    if s == 1.0:
-        return im
-    h, w = im.shape[-2:]
-    size = (max(8, round(h * s)), max(8, round(w * s)))
-    out = torch.nn.functional.interpolate(im[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False)
-    return out[0].round().clamp(0, 255).to(torch.uint8)
-
-
-@torch.no_grad()
-def tta_outputs(net: torch.nn.Module, images: list[torch.Tensor], scales=DEFAULT_TTA_SCALES, hflip: bool = True) -> list[dict]:
-    """Run `net` (an unwrapped FashionMaskRCNN) over scales x flips and merge per image, on the
-    grid of the test images given."""
-    sizes = [tuple(im.shape[-2:]) for im in images]
-    per_image: list[list[dict]] = [[] for _ in images]
-    for s in scales:
-        scaled = [_rescale(im, s) for im in images]
-        batch = scaled + ([im.flip(-1) for im in scaled] if hflip else [])
-        outs = inf.forward_by_shape(net, batch, sizes + (sizes if hflip else []))
-        outs = [inf.output_on_grid({k: v.cpu() for k, v in o.items()}, size) for o, size in zip(outs, sizes + sizes)]
-        for i, size in enumerate(sizes):
-            per_image[i].append(outs[i])
-            if hflip:
-                per_image[i].append(_unflip(outs[len(images) + i], size[1]))
-    rh = net.roi_heads
-    return [merge_passes(p, rh.nms_thresh, rh.detections_per_img) for p in per_image]
-
-
 # -- command ------------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", required=True, help="model_final.pth written by `fashionseg train`")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders of images, or shard folders")
+    p.add_argument("--weights", required=True, nargs="+", metavar="W",
+                   help="model_final.pth written by `fashionseg train`; several (e.g. RUN/snapshots/cycle_*.pth): "
+                        "their detections merged as --tta merges passes. The first folder or image file after "
+                        "--weights starts the INPUTs (or end the list with --)")
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="image files, folders of images, or shard folders")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--split", default=None, help="for shard input: only this split (default: all)")
     p.add_argument("--tta", action="store_true", help="horizontal flip x --tta-scales, merged (see module docs)")
@@ -231,7 +161,8 @@ def predict(model, vocab, items, total: int, out_dir: Path, *, mask_thresh: floa
             batch_size: int = 2, device="cpu", tta: bool = False, tta_scales=DEFAULT_TTA_SCALES,
             overlays: bool = True, top_attributes: int = 3, progress: bool = True, on_skip=None,
             sample_submission: str | Path | None = None) -> dict:
-    """The predict pipeline on an already loaded model; returns a summary dict.
+    """The predict pipeline on an already loaded model (or a list of models: an ensemble); returns
+    a summary dict.
 
     Images that fail to load are left out and listed in the summary's `skipped` (and
     `skipped.json`); `on_skip(entry)` is called for each as it happens."""
@@ -246,7 +177,8 @@ def predict(model, vocab, items, total: int, out_dir: Path, *, mask_thresh: floa
     from fashionseg.model.build import unwrap
 
     sample = read_sample(sample_submission) if sample_submission else None  # a bad file fails before the model runs
-    net = unwrap(model).eval()
+    nets = [unwrap(m).eval() for m in (model if isinstance(model, (list, tuple)) else [model])]
+    tta_spec = TTA(tuple(tta_scales)) if tta else None
     results: list[dict] = []
     rows: list[tuple] = []
     skipped: list[dict] = []
@@ -268,7 +200,7 @@ def predict(model, vocab, items, total: int, out_dir: Path, *, mask_thresh: floa
                 continue
             dev_images = [im.to(device) for _, im, _ in loaded]
             sizes = [size for _, _, size in loaded]
-            outputs = tta_outputs(net, dev_images, tta_scales) if tta else inf.forward_by_shape(net, dev_images, sizes)
+            outputs = ensemble_outputs(nets, dev_images, sizes, tta_spec)
             for (it, im, size), out in zip(loaded, outputs):
                 image_id = it.image_id
                 images_meta.append({"id": int(image_id), "file_name": it.image_key, "height": int(size[0]),
@@ -306,6 +238,16 @@ def predict(model, vocab, items, total: int, out_dir: Path, *, mask_thresh: floa
             "sample_submission": aligned}
 
 
+def split_weights_and_inputs(weights: list[str], inputs: list[str]) -> tuple[list[str], list[str]]:
+    """`--weights A B images/ x.jpg`: argparse gives every path to --weights; the INPUTs start at
+    the first folder or image file."""
+    if inputs:
+        return weights, inputs
+    n = next((i for i, w in enumerate(weights) if i and (Path(w).is_dir() or Path(w).suffix.lower() in IMAGE_EXTENSIONS)),
+             len(weights))
+    return weights[:n], weights[n:]
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.markup import escape
@@ -317,14 +259,19 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         console.print("[red]error:[/] --batch-size must be >= 1")
         return 2
+    args.weights, args.inputs = split_weights_and_inputs(args.weights, args.inputs)
+    if not args.inputs:
+        console.print("[red]error:[/] no INPUT: give image files, folders of images or shard folders after the weights")
+        return 2
     out_dir = Path(args.out)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
-        model, vocab, model_cfg, config = inf.load_for_inference(args.weights, device)
+        loaded = load_ensemble(args.weights, device)
+        vocab, config = loaded[0].vocab, loaded[0].config
         test_size, max_size = inf.inference_scale(config, args.test_size, args.max_size)
         items, total = collect_inputs(args.inputs, args.split, test_size=test_size, max_size=max_size)
-        mask_thresh = inf.apply_postprocess(model, model_cfg, args)["mask_thresh"]
-        summary = predict(model, vocab, items, total, out_dir, mask_thresh=mask_thresh, attr_thresh=args.attr_thresh,
+        mask_thresh = [inf.apply_postprocess(m.model, m.model_cfg, args) for m in loaded][0]["mask_thresh"]
+        summary = predict([m.model for m in loaded], vocab, items, total, out_dir, mask_thresh=mask_thresh, attr_thresh=args.attr_thresh,
                           batch_size=args.batch_size, device=device, tta=args.tta, tta_scales=tuple(args.tta_scales),
                           overlays=not args.no_overlays, top_attributes=args.top_attributes,
                           progress=not args.no_progress, sample_submission=args.sample_submission,

@@ -60,7 +60,8 @@ class TrainConfig:
     optimizer: Literal["sgd", "adamw"] = "sgd"
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    schedule: Literal["multistep", "cosine", "constant"] = "multistep"
+    schedule: Literal["multistep", "cosine", "cosine_restarts", "constant"] = "multistep"
+    cycles: int = 1                          # cosine_restarts: equal cycles after warmup, a snapshot at each end
     milestones: list[float] = field(default_factory=lambda: [0.67, 0.89])  # fractions of max_steps
     gamma: float = 0.1
     min_lr_factor: float = 0.0               # cosine floor, as a fraction of the peak lr
@@ -95,6 +96,15 @@ class TrainConfig:
             raise ValueError("train.batch_sizes must be a non-empty list of positive ints")
         if self.zero_stage not in (1, 2):
             raise ValueError("train.zero_stage must be 1 or 2 (ZeRO-3 shards parameters; not supported)")
+        if self.cycles < 1:
+            raise ValueError(f"train.cycles must be >= 1, got {self.cycles}")
+        if self.cycles > 1 and self.schedule != "cosine_restarts":
+            raise ValueError(f"train.cycles={self.cycles} has no effect with train.schedule={self.schedule}: "
+                             "set train.schedule=cosine_restarts (snapshot ensembles), or leave train.cycles at 1")
+        if self.max_steps is not None and self.schedule == "cosine_restarts" and \
+                self.max_steps - (self.warmup_iters or 0) < self.cycles:
+            raise ValueError(f"train.cycles={self.cycles} leaves less than one step per cycle: train.max_steps="
+                             f"{self.max_steps} minus {self.warmup_iters or 0} warmup steps; lower train.cycles")
         if any(not 0.0 < m <= 1.0 for m in self.milestones):
             raise ValueError(f"train.milestones are fractions of max_steps in (0, 1], got {self.milestones}")
         if not self.collective_timeout_s > 0:

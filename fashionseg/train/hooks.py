@@ -192,6 +192,57 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
+class Snapshots(Hook):
+    """`train.schedule=cosine_restarts`: the weights at the end of every LR cycle, as
+    RUN_DIR/snapshots/cycle_<k>.pth (a weights file like model_final.pth, for the snapshot ensemble
+    `fashionseg eval|predict --weights A B C`). Cycle k ends when the schedule position reaches
+    `LRFactor.cycle_ends()[k-1]`; the last cycle also ends with the run (skipped steps may leave the
+    position short of it).
+
+    No checkpoint state: which snapshots exist follows from the position. This hook runs before
+    Checkpointing, so a checkpoint past a cycle end always has that snapshot on disk, and a resume
+    writes only the cycle ends it crosses (one resumed from before an end writes that snapshot again:
+    the same step, the same weights, replaced atomically)."""
+
+    DIR = "snapshots"
+
+    def __init__(self) -> None:
+        self.position = 0
+
+    @staticmethod
+    def path(run_dir: Path, cycle: int) -> Path:
+        return Path(run_dir) / Snapshots.DIR / f"cycle_{cycle}.pth"
+
+    def before_train(self, trainer):
+        self.position = trainer.schedule.position
+
+    def after_step(self, trainer, out):
+        now = trainer.schedule.position
+        for k, end in enumerate(trainer.schedule.factor.cycle_ends(), 1):
+            if self.position < end <= now:
+                self._save(trainer, k)
+        self.position = now
+
+    def after_train(self, trainer):
+        ends = trainer.schedule.factor.cycle_ends()
+        if self.position < ends[-1]:
+            self._save(trainer, len(ends))
+
+    def _save(self, trainer, cycle: int) -> None:
+        """Collective (every rank gathers the state dict, rank 0 writes)."""
+        from fashionseg.model.weights_file import WeightsFile, save_weights
+        state = trainer.accelerator.get_state_dict(trainer.model)
+        if not trainer.accelerator.is_main_process:
+            return
+        cycles, step = len(trainer.schedule.factor.cycle_ends()), trainer.state.step
+        info = {"cycle": cycle, "cycles": cycles, "step": step, "position": trainer.schedule.position}
+        path = self.path(trainer.run_dir, cycle)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_weights(path, WeightsFile(state, trainer.cfg.to_dict(), list(trainer.vocab.categories),
+                                       list(trainer.vocab.attributes), {"snapshot": info}))
+        trainer.say(f"snapshot: {path} (cycle {cycle}/{cycles}, step {step})")
+
+
 class Checkpointing(Hook):
     """A checkpoint every `train.checkpoint_every` steps, at the end of each epoch, on a stop signal
     and at the end of the run (so it can be extended with `--resume train.max_steps=<more>`), never

@@ -184,6 +184,8 @@ class Trainer:
         hooks.append(H.MetricsLog(self.logger, 1 if self.opts.debug else cfg.log.every, extra_rows))
         if self.opts.overfit_batches:
             return [*hooks, self.stop]  # overfit runs are never checkpointed or evaluated
+        if t.schedule == "cosine_restarts":  # before Checkpointing: a checkpoint past a cycle end has its snapshot
+            hooks.append(H.Snapshots())
         records = H.SampleRecord(self.run_dir, self.layout.rank, self.layout.world) if t.record_samples else None
         hooks += [h for h in (records, H.Checkpointing(t.checkpoint_every, records),
                               H.Evaluation(cfg.eval.every_epochs, cfg.eval.at_end)) if h is not None]

@@ -4,17 +4,20 @@ The schedule saves only its position (optimizer steps taken that count in the sc
 is recomputed from the *current* config at every step, so `--resume train.max_steps=<more>` follows
 the new schedule. Shape: linear warmup from `warmup_factor` over `warmup_iters` (default
 min(1000, steps_per_epoch - 1), torchvision's detection reference), then multistep decay at
-fractions of the run or a cosine to `min_lr_factor`.
+fractions of the run, a cosine to `min_lr_factor`, or `cosine_restarts`: the same cosine restarted
+`cycles` times (SGDR without growth, Huang et al.'s snapshot ensembles) over equal cycles after the
+warmup; `LRFactor.cycle_ends()` are the positions where a cycle ends (a snapshot is kept there).
 """
 from __future__ import annotations
 
 import argparse
+import bisect
 import math
 from typing import Any
 
 import torch
 
-from fashionseg.train.config import TrainConfig
+from fashionseg.train.config import ConfigError, TrainConfig
 
 
 def default_warmup_iters(cfg: TrainConfig, steps_per_epoch: int) -> int:
@@ -46,6 +49,20 @@ class LRFactor:
         self.milestones = sorted(int(round(m * total_steps)) for m in cfg.milestones)
         self.gamma = cfg.gamma
         self.min_factor = cfg.min_lr_factor
+        self.cycles = cfg.cycles if cfg.schedule == "cosine_restarts" else 1
+        span = self.total - warmup_iters
+        if self.schedule == "cosine_restarts" and span < self.cycles:
+            raise ConfigError(f"train.cycles={self.cycles} leaves less than one step per cycle: {self.total} steps minus "
+                              f"{warmup_iters} warmup steps; lower train.cycles or raise the run length")
+        # cycle k covers positions [ends[k-1], ends[k]); the last one ends with the run
+        self._ends = [warmup_iters + (k * span) // self.cycles for k in range(self.cycles + 1)]
+
+    def cycle_ends(self) -> list[int]:
+        """Positions after which cycle 1..K is complete (the last one is the run's length)."""
+        return self._ends[1:]
+
+    def _cosine(self, t: float) -> float:
+        return self.min_factor + (1 - self.min_factor) * 0.5 * (1 + math.cos(math.pi * min(max(t, 0.0), 1.0)))
 
     def __call__(self, step: int) -> float:
         warm = 1.0
@@ -55,8 +72,13 @@ class LRFactor:
         if self.schedule == "multistep":
             return warm * self.gamma ** sum(step >= m for m in self.milestones)
         if self.schedule == "cosine":
-            t = min(max(step - self.warmup_iters, 0) / max(1, self.total - self.warmup_iters), 1.0)
-            return warm * (self.min_factor + (1 - self.min_factor) * 0.5 * (1 + math.cos(math.pi * t)))
+            return warm * self._cosine(max(step - self.warmup_iters, 0) / max(1, self.total - self.warmup_iters))
+        if self.schedule == "cosine_restarts":
+            if step >= self._ends[-1]:
+                return warm * self.min_factor
+            k = max(0, bisect.bisect_right(self._ends, step) - 1)  # the cycle this position lies in
+            start, end = self._ends[k], self._ends[k + 1]
+            return warm * self._cosine((step - start) / (end - start))
         return warm
 
 
@@ -127,9 +149,13 @@ def run(args: argparse.Namespace) -> int:
     every = args.every or max(1, total // 20)
     print(f"peak lr {peak:.6g} ({how}); warmup {warmup} steps from x{t.warmup_factor:g}; {t.schedule} over {total} steps "
           f"({total / args.steps_per_epoch:.2f} epochs of {args.steps_per_epoch})")
+    ends = factor.cycle_ends() if t.schedule == "cosine_restarts" else []
+    if ends:
+        print(f"{len(ends)} cycles; a snapshot after steps {', '.join(map(str, ends))} (RUN_DIR/snapshots/cycle_<k>.pth)")
     print(f"{'iter':>8} {'epoch':>6} {'lr':>12}")
     shown = sorted({i for i in range(0, total, every)} | {0, min(100, total - 1), min(200, total - 1),
-                                                          min(500, total - 1), max(warmup - 1, 0), total - 1})
+                                                          min(500, total - 1), max(warmup - 1, 0), total - 1}
+                   | {e - 1 for e in ends} | {e for e in ends if e < total})
     for i in shown:
         print(f"{i:>8} {i // args.steps_per_epoch:>6} {lrs[i]:>12.6f}")
     if args.png:
