@@ -60,31 +60,26 @@ def test_uneven_batch_weighting_equals_one_process_with_all_samples(tmp_path):
     assert info_ddp["loss"] == pytest.approx(info_one["loss"], rel=1e-6)  # the logged loss is the global mean too
 
 
-def test_deepspeed_zero2_runs_on_cpu(synth_shards, tmp_path):
+def test_deepspeed_zero2_runs_and_skips_a_non_finite_step(synth_shards, tmp_path):
+    """ZeRO-2 on two CPU ranks trains, checkpoints through DeepSpeed and keeps the ranks equal; a
+    non-finite step is skipped as under DDP: two steps with the second poisoned end with the weights
+    of one step (ZeRO's own overflow check does the skipping). DeepSpeed start-up is the cost here
+    (~30 s a launch on 2 cores), so both properties share the one-step run."""
     pytest.importorskip("deepspeed")
-    out = tmp_path / "ds"
-    cmd = accelerate_cmd(2, *train_cmd(synth_shards, out, "train.max_steps=2", "train.checkpoint_every=2",
-                                       "train.backend=deepspeed", "train.zero_stage=2")[1:])
-    proc = run(cmd, timeout=500)
-    assert "backend=deepspeed" in proc.stdout
-    ranks = _ranks(out)
-    assert [r["step"] for r in ranks] == [2, 2] and ranks[0]["params_sha256"] == ranks[1]["params_sha256"]
-    assert (out / "checkpoints" / "step_00000002" / "ds").is_dir()
-    final = torch.load(out / "model_final.pth", weights_only=True)["model"]
-    assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
-
-
-def test_deepspeed_skipped_step_moves_nothing(synth_shards, tmp_path):
-    """A non-finite step under DeepSpeed is skipped as under DDP: two steps with the second poisoned
-    end with the weights of one step (ZeRO's own overflow check does the skipping)."""
-    pytest.importorskip("deepspeed")
-    ds = ["train.backend=deepspeed", "train.zero_stage=2", "train.checkpoint_every=100"]
+    ds = ["train.backend=deepspeed", "train.zero_stage=2"]
     one, poisoned = tmp_path / "one", tmp_path / "poisoned"
-    run(accelerate_cmd(2, *train_cmd(synth_shards, one, "train.max_steps=1", *ds)[1:]), timeout=500)
-    cmd = train_cmd(synth_shards, poisoned, "train.max_steps=2", *ds)
+    proc = run(accelerate_cmd(2, *train_cmd(synth_shards, one, "train.max_steps=1", "train.checkpoint_every=1", *ds)[1:]),
+               timeout=500)
+    assert "backend=deepspeed" in proc.stdout
+    ranks = _ranks(one)
+    assert [r["step"] for r in ranks] == [1, 1] and ranks[0]["params_sha256"] == ranks[1]["params_sha256"]
+    assert (one / "checkpoints" / "step_00000001" / "ds").is_dir()
+    a = torch.load(one / "model_final.pth", weights_only=True)["model"]
+    assert all(torch.isfinite(v).all() for v in a.values() if v.is_floating_point())
+
+    cmd = train_cmd(synth_shards, poisoned, "train.max_steps=2", "train.checkpoint_every=100", *ds)
     run(accelerate_cmd(2, FAULTS, "--nan-steps", "2", "--", *cmd[3:]), timeout=500)
     assert [r["skipped_steps"] for r in _ranks(poisoned)] == [1, 1]
-    a = torch.load(one / "model_final.pth", weights_only=True)["model"]
     b = torch.load(poisoned / "model_final.pth", weights_only=True)["model"]
     weights = [k for k in a if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
     assert all(torch.equal(a[k], b[k]) for k in weights)
