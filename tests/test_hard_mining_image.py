@@ -4,6 +4,7 @@ from __future__ import annotations
 
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_hard_mining import assert_resumes_exactly, roundtrip_json, roundtrip_torch
@@ -142,3 +143,44 @@ def test_config_unit_is_validated_and_batch_stays_the_batch_miner():
     assert build_miner(HardMiningConfig(unit="image"), warmup_steps=0, batch_size=2) is None
     with pytest.raises(ValueError, match="build_miner"):
         build_hard_miner(HardMiningConfig(enabled=True, unit="image"), warmup_steps=0)
+
+
+def test_stepper_returns_each_local_images_terms_in_key_order():
+    """With image_losses=True the Stepper hands back one dict of terms (+ "loss", their sum) per
+    local image, aligned with `keys`, across micro-batches; the batch losses are unchanged."""
+    import contextlib
+
+    from fashionseg.train.step import Stepper
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, images, targets, image_losses=False):
+            x = torch.stack([im.float().mean() for im in images]) * self.w
+            per_image = {"loss_a": x.detach(), "loss_b": 2 * x.detach()}
+            losses = {"loss_a": x.mean(), "loss_b": 2 * x.mean()}
+            return (losses, per_image) if image_losses else losses
+
+    class Backend:
+        def micro(self, last):
+            return contextlib.nullcontext()
+
+        def backward(self, loss, last):
+            loss.backward()
+
+        def step(self, skip):
+            return not skip
+
+    def batch(values):
+        return [torch.full((1, 2, 2), float(v)) for v in values], [{"key": f"k{v}"} for v in values]
+
+    stepper = Stepper(Model(), Backend(), torch.device("cpu"), 1.0, 1, lambda: False, image_losses=True)
+    out = stepper(iter([batch([1, 2]), batch([3, 4])]), 2)
+    assert out.keys == ["k1", "k2", "k3", "k4"]
+    assert [d["loss_a"] for d in out.image_losses] == [1.0, 2.0, 3.0, 4.0]
+    assert [d["loss"] for d in out.image_losses] == [3.0, 6.0, 9.0, 12.0]
+    assert out.losses == {"loss_a": 2.5, "loss_b": 5.0, "loss": 7.5}
+    plain = Stepper(Model(), Backend(), torch.device("cpu"), 1.0, 1, lambda: False)(iter([batch([1, 2])]), 1)
+    assert plain.image_losses == [] and plain.losses == {"loss_a": 1.5, "loss_b": 3.0, "loss": 4.5}
