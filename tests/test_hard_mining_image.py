@@ -184,3 +184,18 @@ def test_stepper_returns_each_local_images_terms_in_key_order():
     assert out.losses == {"loss_a": 2.5, "loss_b": 5.0, "loss": 7.5}
     plain = Stepper(Model(), Backend(), torch.device("cpu"), 1.0, 1, lambda: False)(iter([batch([1, 2])]), 1)
     assert plain.image_losses == [] and plain.losses == {"loss_a": 1.5, "loss_b": 3.0, "loss": 4.5}
+
+
+@pytest.mark.parametrize("unit", ["batch", "image"])
+def test_a_skipped_step_is_never_mined_whatever_the_loss_term(unit):
+    from types import SimpleNamespace
+
+    from fashionseg.train.hooks import HardMiningReplay
+    from fashionseg.train.step import StepOutput
+
+    miner = build_miner(HardMiningConfig(enabled=True, unit=unit, loss="loss_mask", every=100), 0, batch_size=2)
+    trainer = SimpleNamespace(state=SimpleNamespace(step=1), data=SimpleNamespace(epoch=0))
+    terms = {"loss_mask": 1.0, "loss": 2.0}
+    out = StepOutput(None, True, False, 2, 0.0, ["a", "b"], terms, [terms, terms] if unit == "image" else [])
+    HardMiningReplay(miner, loader=None).after_step(trainer, out)
+    assert miner.stats()["skipped_nonfinite"] == (2 if unit == "image" else 1)

@@ -68,7 +68,8 @@ class HardMiningReplay(Hook):
         self.miner, self.loader = miner, loader
 
     def after_step(self, trainer, out):
-        nan = {"loss": float("nan")}
+        # a skipped step is never mined: every term non-finite, whichever term the miner ranks by
+        nan = {k: float("nan") for k in out.local_losses} or {"loss": float("nan")}
         loss = out.local_losses if not out.skipped else nan
         images = out.image_losses if not out.skipped else [nan] * len(out.keys)
         self.miner.observe(trainer.state.step, out.keys, trainer.data.epoch, loss, images)
