@@ -1,4 +1,5 @@
 """Hard-example replay: remember the highest-loss batches, take an extra optimizer step on them.
+(`unit: image`, mining images instead of batches, is image_mining.py's ImageMiner, a HardMiner.)
 
 Online hard-example replay (the Kaggle Carvana winners' trick), made safe for DDP and for resume:
 
