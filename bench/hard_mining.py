@@ -1,13 +1,15 @@
 """A/B of hard-example replay on the synthetic dataset: mask AP overall and on the hard categories.
 
-    python bench/hard_mining.py --work /tmp/hm_bench --images 160 --steps 40 --every 5 --seeds 0 1 2
+    python bench/hard_mining.py --work /tmp/hm_bench --images 128 --steps 150 --every 5 --seeds 0 1 2
 
 For each seed it trains the debug model (configs/debug.yaml, one process, CPU unless a GPU is
-there) three times with `fashionseg train`, the real trainer:
+there) once per arm with `fashionseg train`, the real trainer (`--arms`, default base batch image):
   base          N data steps, no replay
-  replay@steps  N data steps + a replay every `--every` steps after warmup (more optimizer steps)
-  replay@time   N' data steps + replays, N' chosen so that data + replay steps == N: the same
-                number of optimizer steps, hence about the same wall-clock (measured and printed)
+  batch         N' data steps + a replay of the hardest batch every `--every` steps after warmup,
+                N' chosen so that data + replay steps == N: the same number of optimizer steps as
+                base (equal compute; wall-clock and CPU seconds are measured and printed)
+  image         as batch, with hard_mining.unit=image: replay batches of the hardest images
+  batch@steps, image@steps   N data steps + replays (more optimizer steps than base)
 and scores each `model_final.pth` on val with fashionseg.eval (COCO segm AP). The hard subset is
 computed from the training split, not hand-picked: the rarest third of the categories (fewest
 training instances) and the smallest third (median mask area), e.g. collars, pockets, zippers.
@@ -29,6 +31,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# arm -> (hard_mining.unit or None for no replay, equal optimizer steps to base?)
+ARMS = {"base": (None, True), "batch": ("batch", True), "image": ("image", True),
+        "batch@steps": ("batch", False), "image@steps": ("image", False)}
 
 
 def prepare_shards(work: Path, images: int, size: int, seed: int) -> Path:
@@ -83,7 +88,7 @@ def train(shards: Path, run: Path, steps: int, seed: int, replay: dict | None, a
            "--shards", str(shards), "--out", str(run), f"train.max_steps={steps}", f"train.seed={seed}",
            f"train.warmup_iters={args.warmup}", f"train.checkpoint_every={10**6}", "eval.every_epochs=0",
            "eval.at_end=false", f"log.every={max(1, steps // 4)}", "log.log_with=[]", "log.rich=false",
-           f"model.min_size={args.size}", f"model.max_size={args.size * 4 // 3}"]
+           f"data.min_size=[{args.size}]", f"data.max_size={args.size * 4 // 3}"]
     if replay:
         cmd += ["hard_mining.enabled=true"] + [f"hard_mining.{k}={v}" for k, v in replay.items()]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(ROOT))
@@ -142,6 +147,7 @@ def main() -> int:
     ap.add_argument("--top-k", type=int, default=1)
     ap.add_argument("--loss", default="total", help="hard_mining.loss (total or a term such as loss_mask)")
     ap.add_argument("--max-loss", type=float, default=None, help="hard_mining.max_loss")
+    ap.add_argument("--arms", nargs="+", default=["base", "batch", "image"], choices=list(ARMS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--eval-images", type=int, default=None, help="score the first N val images only")
@@ -158,7 +164,10 @@ def main() -> int:
     if args.max_loss is not None:
         replay["max_loss"] = args.max_loss
     n_time = data_steps_for_equal_optimizer_steps(args.steps, args.warmup, args.every)
-    arms = {"base": (args.steps, None), "replay@steps": (args.steps, replay), "replay@time": (n_time, replay)}
+    arms = {}
+    for arm in args.arms:
+        unit, equal_compute = ARMS[arm]
+        arms[arm] = (args.steps, None) if unit is None else (n_time if equal_compute else args.steps, dict(replay, unit=unit))
     results: dict[str, list[dict]] = {a: [] for a in arms}
     t_all = time.perf_counter()
     for seed in args.seeds:
@@ -169,11 +178,11 @@ def main() -> int:
             rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
             last = [x for x in rows if "step" in x and "loss" in x][-1]
             r.update(seed=seed, data_steps=steps, train_seconds=seconds, train_cpu_seconds=cpu, final_loss=last.get("loss"),
-                     replays=last.get("hard_mining/replays", 0))
+                     replays=last.get("hard_mining/replays", 0), fallback_replays=last.get("hard_mining/fallback_replays", 0))
             results[arm].append(r)
             if not args.keep_runs:
                 shutil.rmtree(run, ignore_errors=True)
-            print(f"seed {seed} {arm:13s} data steps {steps:4d} replays {r['replays']:3d} train {seconds:6.1f} s wall {cpu:6.1f} s CPU  "
+            print(f"seed {seed} {arm:13s} data steps {steps:4d} replays {r['replays']:3d} (fallback {r['fallback_replays']}) train {seconds:6.1f} s wall {cpu:6.1f} s CPU  "
                   f"segm AP {100 * r['segm_AP']:5.2f}  hard {100 * r['hard_AP']:5.2f}  easy {100 * r['easy_AP']:5.2f}",
                   flush=True)
 

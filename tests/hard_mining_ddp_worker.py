@@ -5,6 +5,7 @@ Launched by tests/test_hard_mining_distributed.py with
 It isolates the miner's part of the contract (docs/design.md, "Trainer <-> hard miner") from the
 full trainer: a real Accelerator/DDP model, optimizer, warmup scheduler and per-rank checkpoint,
 batches that are a pure function of (key, epoch) as `loader.load_batch(keys, epoch)` promises.
+`--unit image` mines per sample (each sample's own loss, hard_mining.unit=image).
 Each rank writes OUT/rank{r}.json (its replay log and the miner's stats) and OUT/rank{r}.pt
 (its final weights). `--stop-after K` saves a checkpoint after data step K and exits, as a
 killed run would leave it; `--resume` continues from that checkpoint.
@@ -21,7 +22,8 @@ import torch
 from accelerate import Accelerator
 
 from fashionseg.io import atomic_write_bytes, atomic_write_json
-from fashionseg.train.hard_mining import HardMiningConfig, build_hard_miner
+from fashionseg.train.hard_mining import HardMiningConfig
+from fashionseg.train.image_mining import build_miner
 
 DIM = 8
 
@@ -35,11 +37,6 @@ def load_sample(key: str, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.randn(DIM, generator=g) * scale
     y = torch.tensor([x.sum().item() * 0.5 + torch.randn((), generator=g).item()])
     return x, y
-
-
-def load_batch(keys: list[str], epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ys = zip(*(load_sample(k, epoch) for k in keys))
-    return torch.stack(xs), torch.stack(ys)
 
 
 def batch_keys(rank: int, step: int, batch_size: int) -> list[str]:
@@ -56,6 +53,7 @@ def main() -> int:
     ap.add_argument("--count-in-schedule", action="store_true")
     ap.add_argument("--stop-after", type=int, default=None)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--unit", choices=["batch", "image"], default="batch")
     args = ap.parse_args()
 
     acc = Accelerator(cpu=not torch.cuda.is_available())
@@ -65,18 +63,20 @@ def main() -> int:
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (args.warmup + 1)))
     model, opt = acc.prepare(model, opt)
-    miner = build_hard_miner(HardMiningConfig(enabled=True, every=args.every, max_loss=args.max_loss,
-                                              count_in_schedule=args.count_in_schedule), args.warmup)
+    batch_size = 2 + rank                                   # unequal per-rank batch sizes
+    miner = build_miner(HardMiningConfig(enabled=True, every=args.every, max_loss=args.max_loss, unit=args.unit,
+                                         count_in_schedule=args.count_in_schedule), args.warmup, batch_size)
     assert miner is not None
 
-    def train_step(keys: list[str], epoch: int) -> float:
-        x, y = load_batch(keys, epoch)
+    def train_step(keys: list[str], epochs: list[int]) -> tuple[float, list[float]]:
+        x, y = (torch.stack(v) for v in zip(*(load_sample(k, e) for k, e in zip(keys, epochs))))
         x = x + 0.01 * torch.randn_like(x)     # consumes the RNG, which the checkpoint must restore
-        loss = torch.nn.functional.mse_loss(model(x), y)
+        per_sample = torch.nn.functional.mse_loss(model(x), y, reduction="none").mean(dim=1)
+        loss = per_sample.mean()
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
         opt.step()
-        return loss.item()
+        return loss.item(), per_sample.detach().tolist()
 
     ckpt = args.out / "ckpt" / f"rank{rank}.pt"
     log: list[dict] = []
@@ -92,22 +92,22 @@ def main() -> int:
 
     for step in range(start, args.steps + 1):
         epoch = (step - 1) // 4
-        keys = batch_keys(rank, step, 2 + rank)             # unequal per-rank batch sizes
-        loss = train_step(keys, epoch)
+        keys = batch_keys(rank, step, batch_size)
+        loss, per_sample = train_step(keys, [epoch] * len(keys))
         sched.step()
-        miner.observe(step, keys, epoch, {"loss": loss})
+        miner.observe(step, keys, epoch, {"loss": loss}, [{"loss": v} for v in per_sample])
         if miner.should_replay(step):
             for _ in range(miner.replays_per_trigger):
                 replay = miner.pop()
-                before = train_step(replay.keys, replay.epoch)
+                before, _ = train_step(replay.keys, replay.key_epochs())
                 with torch.no_grad():
-                    x, y = load_batch(replay.keys, replay.epoch)
+                    x, y = (torch.stack(v) for v in zip(*(load_sample(k, e) for k, e in zip(replay.keys, replay.key_epochs()))))
                     after = torch.nn.functional.mse_loss(model(x), y).item()
                 if miner.count_in_schedule:
                     sched.step()
                 miner.record_replay(before, after)
-                log.append({"step": step, "keys": replay.keys, "epoch": replay.epoch, "fallback": replay.fallback,
-                            "mined_loss": replay.loss, "before": before, "after": after,
+                log.append({"step": step, "keys": replay.keys, "epoch": replay.epoch, "epochs": replay.key_epochs(),
+                            "fallback": replay.fallback, "mined_loss": replay.loss, "before": before, "after": after,
                             "lr": opt.param_groups[0]["lr"]})
         if args.stop_after == step:
             buf = io.BytesIO()

@@ -151,8 +151,13 @@ def roundtrip_torch(state):
 @given(losses=st.lists(st.floats(0.0, 10.0) | st.just(float("nan")), min_size=2, max_size=30),
        cut=st.integers(0, 29), top_k=st.integers(1, 3), max_loss=st.none() | st.floats(1.0, 9.0))
 def test_state_round_trip_resumes_exactly(roundtrip, losses, cut, top_k, max_loss):
+    assert_resumes_exactly(make, drive, roundtrip, losses, cut, dict(every=3, top_k=top_k, max_loss=max_loss, start_after=1))
+
+
+def assert_resumes_exactly(make, drive, roundtrip, losses, cut, kw) -> None:
+    """A miner restored from another's state after step `cut` replays, reports and saves exactly as
+    one that never stopped."""
     cut = min(cut, len(losses) - 1)
-    kw = dict(every=3, top_k=top_k, max_loss=max_loss, start_after=1)
     whole = make(**kw)
     expected = drive(whole, losses)
     first = make(**kw)

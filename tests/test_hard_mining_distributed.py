@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from train_utils import free_port
 
 pytestmark = pytest.mark.slow
@@ -47,37 +48,47 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         assert torch.equal(a[k], b[k]), f"tensor {k} differs"
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("hm_full")
-    launch([str(WORKER), str(out), "--steps", "9", "--every", "2", "--warmup", "1", "--max-loss", "20"])
-    return out
+WORKER_ARGS = ["--steps", "9", "--every", "2", "--warmup", "1", "--max-loss", "20"]
+
+
+@pytest.fixture(scope="module", params=["batch", "image"])
+def uninterrupted(request, tmp_path_factory) -> tuple[str, Path]:
+    """(hard_mining.unit, the run's output folder)."""
+    out = tmp_path_factory.mktemp(f"hm_full_{request.param}")
+    launch([str(WORKER), str(out), *WORKER_ARGS, "--unit", request.param])
+    return request.param, out
 
 
 def test_both_ranks_replay_at_the_same_steps_with_identical_weights(uninterrupted):
-    logs, weights = read_run(uninterrupted)
+    unit, out = uninterrupted
+    logs, weights = read_run(out)
     steps = [[r["step"] for r in log["replays"]] for log in logs]
     assert steps[0] == steps[1] == [3, 5, 7, 9]   # warmup 1, every 2: windows (1,3], (3,5], ...
-    # each rank replays its own batches (rank-local mining), from its own window
+    # each rank replays its own batches (rank-local mining) of its own batch size, from its own window
     for rank, log in enumerate(logs):
         for r in log["replays"]:
+            assert len(r["keys"]) == 2 + rank
             assert all(k.startswith(f"r{rank}_") for k in r["keys"])
-            mined_step = int(r["keys"][0].split("_")[1][1:])
-            assert r["fallback"] or r["step"] - 2 < mined_step <= r["step"]
-    # the ceiling rejected rank 1's batches at least once and it still replayed (fallback)
+            mined_steps = [int(k.split("_")[1][1:]) for k in r["keys"]]
+            assert r["fallback"] or all(r["step"] - 2 < s <= r["step"] for s in mined_steps)
+            if unit == "image":  # the hardest images: not necessarily one batch's, hardest first
+                assert len(set(r["keys"])) == len(r["keys"])
+    # the ceiling rejected rank 1's samples at least once and it still replayed (fallback)
     assert logs[1]["stats"]["skipped_above_max"] > 0
     assert logs[0]["stats"]["replays"] == logs[1]["stats"]["replays"] == 4
+    if unit == "image":
+        assert logs[1]["stats"]["fallback_images"] > 0
+        assert any(len(set(map(lambda k: k.split("_")[1], r["keys"]))) > 1 for r in logs[0]["replays"] + logs[1]["replays"])
     assert_same_weights(*weights)
 
 
 def test_resume_across_a_replay_is_step_exact(uninterrupted, tmp_path):
     # stop after step 4: the window (3,5] holds step 4's batch; the replay at step 5 happens after resume
-    launch([str(WORKER), str(tmp_path), "--steps", "9", "--every", "2", "--warmup", "1", "--max-loss", "20",
-            "--stop-after", "4"])
+    unit, out = uninterrupted
+    launch([str(WORKER), str(tmp_path), *WORKER_ARGS, "--unit", unit, "--stop-after", "4"])
     assert not (tmp_path / "rank0.pt").exists()
-    launch([str(WORKER), str(tmp_path), "--steps", "9", "--every", "2", "--warmup", "1", "--max-loss", "20",
-            "--resume"])
-    full_logs, full_w = read_run(uninterrupted)
+    launch([str(WORKER), str(tmp_path), *WORKER_ARGS, "--unit", unit, "--resume"])
+    full_logs, full_w = read_run(out)
     res_logs, res_w = read_run(tmp_path)
     for rank in range(2):
         assert res_logs[rank]["replays"] == full_logs[rank]["replays"]
@@ -86,17 +97,19 @@ def test_resume_across_a_replay_is_step_exact(uninterrupted, tmp_path):
 
 
 # -- through the real trainer -----------------------------------------------------------------------
-def trainer_args(shards: Path, run: Path) -> list[str]:
+def trainer_args(shards: Path, run: Path, unit: str) -> list[str]:
     return ["-m", "fashionseg.train", "--config", "configs/debug.yaml", "--shards", str(shards), "--out", str(run),
-            "hard_mining.enabled=true", "hard_mining.every=2", "hard_mining.start_after=0", "train.max_steps=4",
-            "train.checkpoint_every=3", "train.keep_checkpoints=10", "log.every=1", "eval.every_epochs=0",
-            "eval.at_end=false"]
+            "hard_mining.enabled=true", "hard_mining.every=2", "hard_mining.start_after=0", f"hard_mining.unit={unit}",
+            "train.max_steps=4", "train.checkpoint_every=3", "train.keep_checkpoints=10", "log.every=1",
+            "eval.every_epochs=0", "eval.at_end=false"]
 
 
-@pytest.fixture(scope="module")
-def trainer_run(synth_shards, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("hm_trainer") / "run"
-    launch(trainer_args(synth_shards, run), timeout=540)
+@pytest.fixture(scope="module", params=["batch", "image"])
+def trainer_run(request, synth_shards, tmp_path_factory) -> Path:
+    """A two-rank run of the real trainer with hard_mining.unit=batch|image (per-image losses go
+    through DDP's forward as `model(images, targets, image_losses=True)`)."""
+    run = tmp_path_factory.mktemp(f"hm_trainer_{request.param}") / "run"
+    launch(trainer_args(synth_shards, run, request.param), timeout=540)
     return run
 
 
@@ -126,7 +139,8 @@ def test_trainer_resume_across_a_replay_is_step_exact(trainer_run, synth_shards,
     assert step3.is_dir(), sorted(p.name for p in (trainer_run / "checkpoints").iterdir())
     resumed_run = tmp_path / "resumed"
     shutil.copytree(step3, resumed_run / "checkpoints" / step3.name)
-    launch(trainer_args(synth_shards, resumed_run) + ["--resume"], timeout=540)
+    unit = yaml.safe_load((trainer_run / "config.yaml").read_text())["hard_mining"]["unit"]
+    launch(trainer_args(synth_shards, resumed_run, unit) + ["--resume"], timeout=540)
     assert [r["replays"] for r in json.loads((resumed_run / "ranks.json").read_text())] == [2, 2]
     final = torch.load(trainer_run / "model_final.pth", weights_only=True)["model"]
     resumed = torch.load(resumed_run / "model_final.pth", weights_only=True)["model"]

@@ -32,6 +32,8 @@ from torch import Tensor, nn
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import boxes as box_ops, sigmoid_focal_loss
 
+from .per_image_loss import RoILossInputs
+
 ATTRIBUTE_LOSSES = ("bce", "focal")
 
 
@@ -82,16 +84,28 @@ class AttributeRoIHeads(RoIHeads):
         self.attribute_loss = attribute_loss
         # filled and consumed within one forward: box features, training samples, detection rows
         self._box_features: Optional[Tensor] = None
-        self._sampled: Optional[tuple[list[Tensor], list[Tensor]]] = None
+        self._sampled: Optional[tuple[list[Tensor], ...]] = None  # proposals, matched, labels, regression targets
         self._detection_rows: Optional[list[Tensor]] = None
+        # what the losses of the last training forward were computed from (per_image_loss.py)
+        self._outputs: dict[str, Tensor] = {}
+        self.loss_inputs: Optional[RoILossInputs] = None
         self.box_head.register_forward_hook(self._keep_box_features)
+        self.box_predictor.register_forward_hook(self._keep_output("box"))
+        if self.mask_predictor is not None:
+            self.mask_predictor.register_forward_hook(self._keep_output("mask"))
 
     def _keep_box_features(self, module, inputs, output: Tensor) -> None:
         self._box_features = output
 
+    def _keep_output(self, name: str):
+        def hook(module, inputs, output) -> None:
+            if self.training:
+                self._outputs[name] = output
+        return hook
+
     def select_training_samples(self, proposals, targets):
         proposals, matched_idxs, labels, regression_targets = super().select_training_samples(proposals, targets)
-        self._sampled = (matched_idxs, labels)
+        self._sampled = (proposals, matched_idxs, labels, regression_targets)
         return proposals, matched_idxs, labels, regression_targets
 
     def postprocess_detections(self, class_logits, box_regression, proposals, image_shapes):
@@ -139,15 +153,20 @@ class AttributeRoIHeads(RoIHeads):
             result, losses = super().forward(features, proposals, image_shapes, targets)
             box_features = self._box_features
             if self.training:
-                rows, gt, offset = [], [], 0  # box_features rows: the sampled proposals, image after image
-                for t, idx, lab in zip(targets, *self._sampled):
+                sampled_proposals, matched, sampled_labels, regression_targets = self._sampled
+                rows, gt, positives, offset = [], [], [], 0  # box_features rows: the sampled proposals, image after image
+                for t, idx, lab in zip(targets, matched, sampled_labels):
                     pos = torch.where(lab > 0)[0]
+                    positives.append(pos)
                     rows.append(pos + offset)
                     gt.append(t["attributes"][idx[pos]])
                     offset += len(lab)
                 # no positive RoI: empty logits still put every attribute parameter in the graph (DDP)
                 logits = self.attribute_head(box_features[torch.cat(rows)])
                 losses["loss_attributes"] = self.attribute_loss(logits, torch.cat(gt).to(logits.device))
+                class_logits, box_regression = self._outputs["box"]
+                self.loss_inputs = RoILossInputs(class_logits, box_regression, sampled_proposals, matched, sampled_labels,
+                                                 regression_targets, positives, self._outputs.get("mask"), logits, gt)
             else:
                 rows = self._detection_rows
                 logits = self.attribute_head(box_features[torch.cat(rows)])
@@ -155,4 +174,5 @@ class AttributeRoIHeads(RoIHeads):
                     r["attribute_scores"] = s
         finally:
             self._box_features = self._sampled = self._detection_rows = None
+            self._outputs = {}
         return result, losses

@@ -56,11 +56,13 @@ from torchvision.models.detection.backbone_utils import _mobilenet_extractor, _r
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 
 from .attributes import ATTRIBUTE_LOSSES, AttributeHead, AttributeLoss, AttributeRoIHeads
+from .per_image_loss import RecordingRPN
+from .per_image_loss import image_losses as per_image_losses
 from .weights import load_pretrained
 
 log = logging.getLogger(__name__)
@@ -215,13 +217,24 @@ class FashionMaskRCNN(GeneralizedRCNN):
         self.pretrained_report: Optional[str] = None
         self.folded = False  # set by fold.fold_batchnorm: inference only from then on
 
-    def forward(self, images, targets=None, output_sizes: Optional[Sequence[tuple[int, int]]] = None):
-        """Train: weighted losses. Eval: detections in the pixels of `output_sizes` (default: the
-        input sizes); boxes are scaled and the 28x28 mask probabilities pasted straight at that
-        size, so predictions reach the original resolution without resampling probability maps."""
+    def forward(self, images, targets=None, output_sizes: Optional[Sequence[tuple[int, int]]] = None,
+                image_losses: bool = False):
+        """Train: weighted losses; with `image_losses=True`, `(losses, per_image)` where per_image
+        holds every term per image ([B], detached, weighted; per_image_loss.py), from the same
+        forward. Eval: detections in the pixels of `output_sizes` (default: the input sizes); boxes
+        are scaled and the 28x28 mask probabilities pasted straight at that size, so predictions
+        reach the original resolution without resampling probability maps."""
         if self.training:
-            out = super().forward(images, targets)
-            return {k: v * self.loss_weights.get(k, 1.0) for k, v in out.items()}
+            try:
+                out = super().forward(images, targets)
+                losses = {k: v * self.loss_weights.get(k, 1.0) for k, v in out.items()}
+                if not image_losses:
+                    return losses
+                per_image = per_image_losses(self.rpn.loss_inputs, self.roi_heads.loss_inputs, targets,
+                                             self.roi_heads.attribute_loss, self.loss_weights)
+                return losses, per_image
+            finally:
+                self.rpn.loss_inputs = self.roi_heads.loss_inputs = None
         sizes = [tuple(img.shape[-2:]) for img in images] if output_sizes is None else [tuple(s) for s in output_sizes]
         if len(sizes) != len(images) or any(len(s) != 2 for s in sizes):
             raise ValueError(f"output_sizes needs one (H, W) per image: {len(images)} images, got {output_sizes!r}")
@@ -294,7 +307,7 @@ def build_model(cfg: ModelConfig, num_classes: int, num_attributes: int) -> Fash
         raise ValueError(f"num_attributes must be >= 0, got {num_attributes}")
     pretrained = cfg.pretrained is not None
     backbone, featmaps, anchors, rpn_head, box_head, mask_head, rpn_score_thresh = _build_backbone_parts(cfg, pretrained)
-    rpn = RegionProposalNetwork(
+    rpn = RecordingRPN(
         anchors, rpn_head,
         fg_iou_thresh=0.7, bg_iou_thresh=0.3,
         batch_size_per_image=cfg.rpn_batch_size_per_image, positive_fraction=0.5,

@@ -1,4 +1,5 @@
 """Hard-example replay: remember the highest-loss batches, take an extra optimizer step on them.
+(`unit: image`, mining images instead of batches, is image_mining.py's ImageMiner, a HardMiner.)
 
 Online hard-example replay (the Kaggle Carvana winners' trick), made safe for DDP and for resume:
 
@@ -39,7 +40,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Literal, Mapping, Sequence
 
 STATE_VERSION = 1
 # Config fields that decide *when* replays happen or how they count in the LR schedule: a resume
@@ -58,6 +59,7 @@ class HardMiningConfig:
     loss: str = "total"                 # "total" or one loss term, e.g. "loss_mask"
     max_loss: float | None = None       # ceiling: batches above it are never stored (label noise)
     count_in_schedule: bool = False     # do replay steps advance the LR scheduler? (see module doc)
+    unit: Literal["batch", "image"] = "batch"  # mine whole batches, or images (image_mining.py)
 
     def __post_init__(self) -> None:
         if self.every < 1:
@@ -70,6 +72,8 @@ class HardMiningConfig:
             raise ValueError(f"hard_mining.max_loss must be a positive finite number or null, got {self.max_loss}")
         if not self.loss:
             raise ValueError("hard_mining.loss must be 'total' or a loss term name such as 'loss_mask'")
+        if self.unit not in ("batch", "image"):
+            raise ValueError(f"hard_mining.unit must be 'batch' or 'image', got {self.unit!r}")
 
 
 @dataclass
@@ -81,6 +85,11 @@ class Replay:
     loss: float                         # the loss it had when observed (nan for a fallback never scored)
     step: int                           # the data step at which it was observed
     fallback: bool = False              # True: not a mined batch, replayed only to keep ranks in step
+    epochs: list[int] | None = None     # unit=image: each key's own epoch (None: all `epoch`)
+
+    def key_epochs(self) -> list[int]:
+        """The epoch of each key (`loader.load_batch` takes one epoch per call)."""
+        return list(self.epochs) if self.epochs is not None else [self.epoch] * len(self.keys)
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.keys, self.epoch, self.loss))
@@ -154,9 +163,10 @@ class HardMiner:
                            f"(terms: {', '.join(sorted(losses))}); set hard_mining.loss to one of them or 'total'")
         return float(losses[name])
 
-    def observe(self, step: int, keys: Sequence[str], epoch: int, losses: Mapping[str, Any]) -> None:
+    def observe(self, step: int, keys: Sequence[str], epoch: int, losses: Mapping[str, Any],
+                image_losses: Sequence[Mapping[str, Any]] | None = None) -> None:
         """Record the batch of data step `step` (its sample keys, epoch and loss terms), after its
-        optimizer step."""
+        optimizer step. `image_losses` (per image) is for ImageMiner; a batch is scored by `losses`."""
         if self._pops_since_observe:  # the last trigger is over: a new window starts
             self._window.clear()
             self._pops_since_observe = 0
@@ -243,31 +253,44 @@ class HardMiner:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"hard-miner state version {state.get('version')!r} is not supported "
-                             f"(this fashionseg writes version {STATE_VERSION})")
-        saved = dict(state["config"], start_after=state["start_after"])
-        now = dict(asdict(self.cfg), start_after=self.start_after)
-        for key in _SCHEDULE_FIELDS:
-            if saved[key] != now[key]:
-                raise ValueError(
-                    f"cannot resume: hard_mining.{key} was {saved[key]!r} in the checkpoint and is {now[key]!r} now; "
-                    f"it decides when replays happen and how they count in the LR schedule, so the run would not "
-                    f"continue step-exactly. Resume with hard_mining.{key}={saved[key]!r} or start a new run")
+        self.check_resumable(state)
         self._window = [_Batch.from_plain(d) for d in state["window"]][: self.cfg.top_k]
         self._recent = None if state["recent"] is None else _Batch.from_plain(state["recent"])
         self._recent_ok = None if state["recent_ok"] is None else _Batch.from_plain(state["recent_ok"])
         self._pops_since_observe = int(state["pops_since_observe"])
         self._stats = dict(state["stats"])
 
+    def check_resumable(self, state: Mapping[str, Any]) -> None:
+        """Refuse a state this run cannot continue step-exactly (version, unit, schedule fields)."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"hard-miner state version {state.get('version')!r} is not supported "
+                             f"(this fashionseg writes version {STATE_VERSION})")
+        saved = dict(state["config"], start_after=state["start_after"])
+        now = dict(asdict(self.cfg), start_after=self.start_after)
+        if saved.get("unit", "batch") != self.cfg.unit:
+            raise ValueError(f"cannot resume: hard_mining.unit was {saved.get('unit', 'batch')!r} in the checkpoint and is "
+                             f"{self.cfg.unit!r} now; the miner's state differs. Resume with hard_mining.unit="
+                             f"{saved.get('unit', 'batch')!r} or start a new run")
+        for key in _SCHEDULE_FIELDS:
+            if saved[key] != now[key]:
+                raise ValueError(
+                    f"cannot resume: hard_mining.{key} was {saved[key]!r} in the checkpoint and is {now[key]!r} now; "
+                    f"it decides when replays happen and how they count in the LR schedule, so the run would not "
+                    f"continue step-exactly. Resume with hard_mining.{key}={saved[key]!r} or start a new run")
+
+
+def resolve_start(cfg: HardMiningConfig, warmup_steps: int) -> int:
+    """`start_after=None` means the first window opens after the LR warmup (`warmup_steps` data steps)."""
+    return cfg.start_after if cfg.start_after is not None else max(0, int(warmup_steps))
+
 
 def build_hard_miner(cfg: HardMiningConfig, warmup_steps: int) -> HardMiner | None:
-    """The miner for a run, or None when hard mining is off. `start_after=None` means the first
-    window opens after the LR warmup (`warmup_steps` data steps)."""
+    """The batch miner for a run, or None when hard mining is off (unit=image: image_mining.build_miner)."""
     if not cfg.enabled:
         return None
-    start = cfg.start_after if cfg.start_after is not None else max(0, int(warmup_steps))
-    return HardMiner(cfg, start)
+    if cfg.unit != "batch":
+        raise ValueError(f"hard_mining.unit={cfg.unit!r}: build it with fashionseg.train.image_mining.build_miner")
+    return HardMiner(cfg, resolve_start(cfg, warmup_steps))
 
 
-__all__ = ["HardMiningConfig", "HardMiner", "Replay", "build_hard_miner"]
+__all__ = ["HardMiningConfig", "HardMiner", "Replay", "build_hard_miner", "resolve_start"]

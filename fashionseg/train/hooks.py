@@ -22,6 +22,7 @@ import torch
 from fashionseg.io import atomic_write_text
 from fashionseg.train import checkpoint as ckpt_lib
 from fashionseg.train.evaluation import split_size
+from fashionseg.train.image_mining import load_replay
 from fashionseg.train.step import StepOutput
 
 log = logging.getLogger(__name__)
@@ -59,20 +60,23 @@ class NonFiniteGuard(Hook):
 
 
 class HardMiningReplay(Hook):
-    """After each step the miner sees this rank's batch; at the steps its trigger names (the same
-    on every rank) each rank takes an extra optimizer step on its hardest stored batch."""
+    """After each step the miner sees this rank's batch (and, unit=image, each image's losses); at
+    the steps its trigger names (the same on every rank) each rank takes an extra optimizer step on
+    its hardest stored batch, or on a batch of its hardest pooled images."""
 
     def __init__(self, miner, loader) -> None:
         self.miner, self.loader = miner, loader
 
     def after_step(self, trainer, out):
-        loss = out.local_losses if not out.skipped else {"loss": float("nan")}
-        self.miner.observe(trainer.state.step, out.keys, trainer.data.epoch, loss)
+        # a skipped step is never mined: every term non-finite, whichever term the miner ranks by
+        nan = {k: float("nan") for k in out.local_losses} or {"loss": float("nan")}
+        loss = out.local_losses if not out.skipped else nan
+        images = out.image_losses if not out.skipped else [nan] * len(out.keys)
+        self.miner.observe(trainer.state.step, out.keys, trainer.data.epoch, loss, images)
         if not self.miner.should_replay(trainer.state.step):
             return
         for _ in range(self.miner.replays_per_trigger):
-            keys, epoch, _mined = self.miner.pop()
-            batch = self.loader.load_batch(keys, epoch)
+            batch = load_replay(self.loader, self.miner.pop())
             replay = trainer.stepper(iter([batch]), 1)
             if not replay.skipped and self.miner.count_in_schedule:
                 trainer.schedule.step()

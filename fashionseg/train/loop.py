@@ -125,11 +125,12 @@ class Trainer:
         self.backend = build_backend(acc, self.model, self.optimizer, t)
         self.schedule = LRSchedule(self.optimizer, self.peak_lr, LRFactor(t, self.max_steps, warmup))
         self.state, self.rng = TrainState(), RNGState()
-        from fashionseg.train.hard_mining import build_hard_miner
-        self.miner = build_hard_miner(self.cfg.hard_mining, warmup)
+        from fashionseg.train.image_mining import build_miner
+        self.miner = build_miner(self.cfg.hard_mining, warmup, self.layout.local_batch)
         self.stop = H.StopOnSignal()
+        per_image = self.miner is not None and self.cfg.hard_mining.unit == "image"
         self.stepper = Stepper(self.model, self.backend, self.device, self.layout.loss_weight, self.layout.world,
-                               self.stop.requested)
+                               self.stop.requested, image_losses=per_image)
         self.logger: RunLogger | None = None
         self.hooks: list[H.Hook] = []
 
