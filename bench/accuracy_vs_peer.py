@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -113,7 +114,7 @@ def run_name(sets: list[str], seed: int) -> str:
 
 def trained_as(run: Path, args, overrides: list[str]) -> bool:
     """The run folder holds a finished run of exactly this resolved config."""
-    from fashionseg.train.config import _plain, from_dict, load
+    from fashionseg.train.config import from_dict, load
 
     if not (run / "model_final.pth").exists() or not (run / "config.yaml").exists():
         return False
@@ -123,7 +124,7 @@ def trained_as(run: Path, args, overrides: list[str]) -> bool:
         saved = from_dict(yaml.safe_load((run / "config.yaml").read_text()))  # fills keys added since
     finally:
         quiet.setLevel(level)
-    return _plain(saved) == _plain(load(args.config, overrides))
+    return dataclasses.asdict(saved) == dataclasses.asdict(load(args.config, overrides))
 
 
 def ours(work: Path, shards: Path, args, seed: int) -> dict[str, float]:
