@@ -2,6 +2,7 @@
 
     python bench/accuracy_vs_peer.py                      # defaults: ~10 min on 2 idle cores
     python bench/accuracy_vs_peer.py --seeds 0 1 2 3 4 --steps 200 --images 192
+    python bench/accuracy_vs_peer.py --skip-peer --set data.copy_paste=0.5   # A/B of our own features
 
 Data: `shard synth` writes one synthetic Kaggle-layout set; `shard build` splits it (val 25%).
 Both arms use exactly that split (the peer's COCO JSONs are written from the shards' manifest).
@@ -17,14 +18,21 @@ Both arms use exactly that split (the peer's COCO JSONs are written from the sha
 The peer has no attribute head (torchvision has none); ours trains one alongside.
 Per seed both arms get the same number of optimizer steps and batch size. Prints box/mask AP
 (x100) mean +- std over seeds per arm, and last `fashionseg_vs_peer_maskAP=<ratio of means>`.
+`--set KEY=VALUE ...` (dotted config overrides, checked before anything runs) reach our arm only;
+`--skip-peer` runs our arm alone (no ratio line). Our runs are kept in --work, one folder per
+overrides and seed, and reused when their resolved config is the one asked for, so an A/B's
+baseline arm is not trained twice.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
+import logging
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -51,11 +59,16 @@ def cli(*args: str, log: Path) -> None:
 # -- data -------------------------------------------------------------------------------------------
 def prepare(work: Path, images: int, size: int) -> tuple[Path, Path]:
     """(shard folder, synth folder): one synthetic set, split once by `shard build`."""
-    synth, shards = work / "synth", work / "shards"
-    if not (shards / "manifest.json").exists():
-        cli("shard", "synth", "--images", str(images), "--size", str(size), "--seed", "0", str(synth), log=work / "data.log")
-        cli("shard", "build", str(synth), str(shards), "--val-fraction", "0.25", "--workers", "1", "--no-progress",
-            log=work / "data.log")
+    synth, shards, stamp = work / "synth", work / "shards", work / "data.json"
+    want = {"images": images, "size": size}
+    if (shards / "manifest.json").exists():
+        if stamp.exists() and json.loads(stamp.read_text()) != want:
+            raise SystemExit(f"{work} holds the data of {stamp.read_text()}, not {want}: pass another --work")
+        return shards, synth
+    cli("shard", "synth", "--images", str(images), "--size", str(size), "--seed", "0", str(synth), log=work / "data.log")
+    cli("shard", "build", str(synth), str(shards), "--val-fraction", "0.25", "--workers", "1", "--no-progress",
+        log=work / "data.log")
+    stamp.write_text(json.dumps(want))
     return shards, synth
 
 
@@ -94,12 +107,35 @@ def write_coco(work: Path, synth: Path, shards: Path) -> dict[str, Path]:
 
 
 # -- our arm ----------------------------------------------------------------------------------------
+def run_name(sets: list[str], seed: int) -> str:
+    tag = "".join(f"_{s}" for s in sets)
+    return "ours" + "".join(c if c.isalnum() or c in "._-=" else "-" for c in tag) + f"_seed{seed}"
+
+
+def trained_as(run: Path, args, overrides: list[str]) -> bool:
+    """The run folder holds a finished run of exactly this resolved config."""
+    from fashionseg.train.config import from_dict, load
+
+    if not (run / "model_final.pth").exists() or not (run / "config.yaml").exists():
+        return False
+    quiet = logging.getLogger("fashionseg.train.config")
+    level, _ = quiet.level, quiet.setLevel(logging.ERROR)  # the resolved config sets disabled components' keys
+    try:
+        saved = from_dict(yaml.safe_load((run / "config.yaml").read_text()))  # fills keys added since
+    finally:
+        quiet.setLevel(level)
+    return dataclasses.asdict(saved) == dataclasses.asdict(load(args.config, overrides))
+
+
 def ours(work: Path, shards: Path, args, seed: int) -> dict[str, float]:
-    run = work / f"ours_seed{seed}"
-    log = work / f"ours_seed{seed}.log"
-    if not (run / "model_final.pth").exists():
-        cli("fashionseg", "train", "--config", args.config, "--shards", str(shards), "--out", str(run),
-            "--max-steps", str(args.steps), f"train.seed={seed}", f"train.batch_size={args.batch}", "eval.at_end=false", log=log)
+    run = work / run_name(args.set, seed)
+    log = work / f"{run.name}.log"
+    overrides = [*args.set, f"train.seed={seed}", f"train.batch_size={args.batch}", f"train.max_steps={args.steps}",
+                 "eval.at_end=false", f"data.shards={shards}"]
+    if not trained_as(run, args, overrides):
+        if run.exists():
+            shutil.rmtree(run)
+        cli("fashionseg", "train", "--config", args.config, "--out", str(run), *overrides, log=log)
     cli("fashionseg", "eval", "--weights", str(run / "model_final.pth"), "--shards", str(shards), "--split", "val",
         "--out", str(run / "eval_val.json"), "--device", "cpu", "--no-iou-f1", "--no-progress", log=log)
     metrics = json.loads((run / "eval_val.json").read_text())
@@ -234,7 +270,16 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="dotted config overrides for our arm only (e.g. data.copy_paste=0.5); repeatable")
+    p.add_argument("--skip-peer", action="store_true", help="run our arm only (A/Bs of our own features)")
     args = p.parse_args()
+    from fashionseg.train.config import ConfigError, load
+
+    try:
+        load(args.config, args.set)
+    except ConfigError as e:
+        raise SystemExit(f"--set: {e}") from None
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     work = Path(args.work)
@@ -243,16 +288,21 @@ def main() -> None:
     t0 = time.perf_counter()
     shards, synth = prepare(work, args.images, args.size)
     coco = write_coco(work, synth, shards)
-    rows = {"ours": [], "peer": []}
+    rows: dict[str, list] = {"ours": []} if args.skip_peer else {"ours": [], "peer": []}
     for seed in args.seeds:
         rows["ours"].append(ours(work, shards, args, seed))
-        rows["peer"].append(peer(work, synth, coco, cfg, args, seed))
-        print(f"seed {seed}: ours box {rows['ours'][-1]['box']:.2f} mask {rows['ours'][-1]['mask']:.2f} | "
-              f"peer box {rows['peer'][-1]['box']:.2f} mask {rows['peer'][-1]['mask']:.2f}", flush=True)
-    print(f"# {Path(args.config).name}, {args.images} synthetic images of {args.size} px (val 25%), {args.steps} steps of "
-          f"batch {args.batch}, seeds {args.seeds}, {time.perf_counter() - t0:.0f} s; AP x100, mean +- std over seeds")
+        line = f"seed {seed}: ours box {rows['ours'][-1]['box']:.2f} mask {rows['ours'][-1]['mask']:.2f}"
+        if not args.skip_peer:
+            rows["peer"].append(peer(work, synth, coco, cfg, args, seed))
+            line += f" | peer box {rows['peer'][-1]['box']:.2f} mask {rows['peer'][-1]['mask']:.2f}"
+        print(line, flush=True)
+    print(f"# {Path(args.config).name}{''.join(' ' + s for s in args.set)}, {args.images} synthetic images of {args.size} px "
+          f"(val 25%), {args.steps} steps of batch {args.batch}, seeds {args.seeds}, {time.perf_counter() - t0:.0f} s; "
+          "AP x100, mean +- std over seeds")
     for arm, r in rows.items():
         print(f"{arm:5s} box AP {summary([x['box'] for x in r])}   mask AP {summary([x['mask'] for x in r])}")
+    if args.skip_peer:
+        return
     peer_mask = statistics.mean(x["mask"] for x in rows["peer"])
     ratio = statistics.mean(x["mask"] for x in rows["ours"]) / peer_mask if peer_mask > 0 else float("nan")
     print(f"fashionseg_vs_peer_maskAP={ratio:.3f}")

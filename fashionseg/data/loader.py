@@ -37,7 +37,8 @@ Contract with the trainer (keep stable):
   torch DataLoader, so prepare() has nothing to wrap anyway. Move batches to the device in the
   trainer (`images = [i.to(dev) for i in images]`, the tensors of each target dict likewise;
   `key` and `orig_size` stay on the host).
-- Augmentation randomness comes from (seed, epoch, key) only (fashionseg/data/transforms.py),
+- Augmentation randomness comes from (seed, epoch, key) only (fashionseg/data/transforms.py; the
+  copy-paste partner too, fashionseg/data/copy_paste.py),
   so `load_batch(keys, epoch)` returns the same tensors the epoch yielded for those keys, and a
   re-planned epoch gives a sample the augmentation it would have had on the old layout.
 - Workers send what `SampleTransform.decode` makes (uint8 images, mask runs); `finish_sample`
@@ -61,6 +62,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from fashionseg.data.copy_paste import CopyPaste
 from fashionseg.data.plan import EpochPlan, PlanConfig, PlanError, Pool, build_plan, build_pool
 from fashionseg.data.shards.reader import ManifestError, read_manifest, read_samples
 from fashionseg.data.transforms import SampleTransform, finish_sample
@@ -89,12 +91,18 @@ class LoaderConfig:
     prefetch_factor: int = 2  # batches in flight per worker
     pin_memory: bool = False
     tune_malloc: bool = True  # glibc keeps big freed buffers for reuse, in workers and this process (tune_malloc)
+    copy_paste: float = 0.0  # probability of pasting another sample's instances on a sample (data/copy_paste.py); 0 = off
+    copy_paste_min_area: int = 16  # pixels (output grid): an occluded instance left smaller is dropped
 
     def __post_init__(self) -> None:
         if not self.min_size or any(s < 1 for s in self.min_size) or self.max_size < 1:
             raise ValueError(f"data.min_size must be a non-empty list of sizes >= 1 and data.max_size >= 1 (got {self.min_size}, {self.max_size})")
         if not 0.0 <= self.hflip <= 1.0 or self.color_jitter < 0:
             raise ValueError("data.hflip must be in [0, 1] and data.color_jitter >= 0")
+        if not 0.0 <= self.copy_paste <= 1.0:
+            raise ValueError(f"data.copy_paste is a probability: it must be in [0, 1] (got {self.copy_paste}; 0 turns it off)")
+        if self.copy_paste_min_area < 1:
+            raise ValueError(f"data.copy_paste_min_area must be >= 1 pixel (got {self.copy_paste_min_area})")
 
     def plan_config(self) -> PlanConfig:
         return PlanConfig(self.chunk_size, self.mix_chunks, self.repeat_factor_threshold, self.group_aspect_ratio,
@@ -123,8 +131,10 @@ def iter_raw_batches(shard_dir: Path, plan: EpochPlan, batches: list[list[int]])
 class _RankStream(IterableDataset):
     """One rank's remaining steps of one epoch; in a DataLoader worker, only that worker's steps."""
 
-    def __init__(self, shard_dir: Path, plan: EpochPlan, rank: int, start: int, transform: SampleTransform):
+    def __init__(self, shard_dir: Path, plan: EpochPlan, rank: int, start: int, transform: SampleTransform,
+                 copy_paste: CopyPaste | None):
         self.shard_dir, self.plan, self.rank, self.start, self.transform = shard_dir, plan, rank, start, transform
+        self.copy_paste = copy_paste
 
     def __iter__(self):
         info = get_worker_info()
@@ -132,11 +142,12 @@ class _RankStream(IterableDataset):
         k0 = bisect.bisect_left(c.steps, self.start)
         raw = iter_raw_batches(self.shard_dir, self.plan, c.batches[k0:])
         for step, batch in zip(c.steps[k0:], raw):
-            yield step, _decode(self.transform, batch, self.plan.epoch)
+            yield step, _decode(self.transform, self.copy_paste, batch, self.plan.epoch)
 
 
-def _decode(transform: SampleTransform, batch, epoch: int) -> list[tuple[torch.Tensor, dict]]:
-    return [transform.decode(key, jpg, meta, epoch=epoch, image_id=image_id) for image_id, (key, jpg, meta) in batch]
+def _decode(transform: SampleTransform, copy_paste: CopyPaste | None, batch, epoch: int) -> list[tuple[np.ndarray, dict]]:
+    out = [transform.decode(key, jpg, meta, epoch=epoch, image_id=image_id) for image_id, (key, jpg, meta) in batch]
+    return out if copy_paste is None else [copy_paste(d, epoch) for d in out]
 
 
 def _finish(decoded: list[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Tensor], list[dict]]:
@@ -213,6 +224,8 @@ class ShardLoader:
         self.pool = build_pool(self.split, self.plan_cfg.subset)
         self.transform = SampleTransform(self.vocab, list(cfg.min_size), cfg.max_size, hflip=cfg.hflip,
                                          color_jitter=cfg.color_jitter, seed=self.seed)
+        self.copy_paste = (CopyPaste(cfg.copy_paste, cfg.copy_paste_min_area, self.shard_dir, self.pool, self.transform)
+                           if cfg.copy_paste > 0 else None)
         # position: the epoch, what was consumed in it before the current plan, steps of that plan taken
         self.epoch, self.consumed = 0, 0
         self._before: np.ndarray | None = None  # None: nothing (the plan of the full epoch)
@@ -335,7 +348,7 @@ class ShardLoader:
         plan, start = self.plan(), self.consumed
         total = plan.rank_steps[self.rank]
         if start < total:
-            stream = _RankStream(self.shard_dir, plan, self.rank, start, self.transform)
+            stream = _RankStream(self.shard_dir, plan, self.rank, start, self.transform, self.copy_paste)
             if self.cfg.workers == 0:
                 source: Iterator = iter(stream)
             else:
@@ -371,7 +384,7 @@ class ShardLoader:
         """Re-read and re-decode samples by key with the augmentation they had in `epoch`."""
         idx = [self._index_of(k) for k in keys]
         raw = read_samples(self.shard_dir, self.pool, idx)
-        return _finish(_decode(self.transform, [(i, raw[i]) for i in idx], epoch))
+        return _finish(_decode(self.transform, self.copy_paste, [(i, raw[i]) for i in idx], epoch))
 
 
 def _refuse_changes(what: str, old: dict, new: dict, advice: str) -> None:

@@ -324,16 +324,18 @@ class SampleTransform:
     def __call__(self, key: str, jpg: bytes, meta: dict, *, epoch: int, image_id: int) -> tuple[torch.Tensor, dict]:
         return finish_sample(*self.decode(key, jpg, meta, epoch=epoch, image_id=image_id))
 
-    def decode(self, key: str, jpg: bytes, meta: dict, *, epoch: int, image_id: int) -> tuple[torch.Tensor, dict]:
+    def decode(self, key: str, jpg: bytes, meta: dict, *, epoch: int, image_id: int,
+               size: tuple[int, int] | None = None) -> tuple[torch.Tensor, dict]:
         """All the work but the last memory-bound step, with a result that is cheap to send between
         processes: the image as a uint8 numpy array, masks as runs
         (MaskRuns), small arrays as numpy; all pickled inline through the worker's pipe instead of
         one shared-memory segment per tensor (measured: faulting those segments in, on both
         sides, cost more than the copies). `finish_sample`, in the consuming process, makes the
-        training pair of it."""
+        training pair of it. `size` (oh, ow) replaces the output size the augmentation draws (a
+        copy-paste partner is decoded at its target's size: data/copy_paste.py)."""
         p = self.params(epoch, key)
         h, w = int(meta["height"]), int(meta["width"])
-        oh, ow = output_size(h, w, p.min_size, self.max_size)
+        oh, ow = size or output_size(h, w, p.min_size, self.max_size)
         img = decode_resized(f"sample '{key}'", jpg, (h, w), (oh, ow), SHARD_HINT)
         if p.flip:
             img = img.flip(-1)
