@@ -43,6 +43,8 @@ class RecordingSampler:
         return self.last
 
     def __getattr__(self, name):  # batch_size_per_image, positive_fraction
+        if "sampler" not in self.__dict__:  # copy/pickle probe a bare instance before __init__'s state
+            raise AttributeError(name)
         return getattr(self.__dict__["sampler"], name)
 
 
