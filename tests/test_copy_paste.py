@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fashionseg.data.copy_paste import boxes_of, paint, paste, paste_draw, runs_of
+from fashionseg.data.copy_paste import boxes_of, paste, paste_draw, runs_of
 from fashionseg.data.loader import LoaderConfig, build_loader
 from test_loader import assert_same_batches
 
@@ -59,7 +59,7 @@ def test_paste_is_exact_and_drops_small_remnants():
     out_img, out = paste(img, target, src_img, src, np.array([0, 1]), min_area=4)
     cover = p1 | p2
     assert (out_img[:, cover] == 200).all() and (out_img[:, ~cover] == 0).all()
-    masks = paint(out["masks"]).transpose(0, 2, 1)  # [K, H, W]
+    masks = out["masks"].planes().transpose(0, 2, 1)  # [K, H, W]
     assert out["labels"].tolist() == [1, 3, 5, 6]
     assert np.array_equal(masks[0], big & ~cover), "the occluded instance loses exactly the pasted pixels"
     assert np.array_equal(masks[1], lone)
@@ -102,7 +102,7 @@ def test_loader_output_masks_boxes_and_layout(synth_shards):
         assert got is not None
         src_img, src, chosen = got
         k = len(chosen)
-        assert torch.equal(t["masks"][n - k:], torch.from_numpy(paint(src["masks"])[chosen]).transpose(1, 2).to(torch.uint8))
+        assert torch.equal(t["masks"][n - k:], torch.from_numpy(src["masks"].planes()[chosen]).transpose(1, 2).to(torch.uint8))
         assert t["labels"][n - k:].tolist() == src["labels"][chosen].tolist()
         cover = t["masks"][n - k:].bool().any(0)
         assert torch.equal(img[:, cover], torch.from_numpy(src_img)[:, cover])

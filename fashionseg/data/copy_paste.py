@@ -54,13 +54,6 @@ def paste_draw(seed: int, epoch: int, key: str, index: int, pool_size: int, prob
     return PasteDraw(partner, rng.random(64), float(rng.random()))
 
 
-def paint(runs: MaskRuns) -> np.ndarray:
-    """MaskRuns -> bool [K, W, H] (column-major planes, the runs' own order)."""
-    vals = np.zeros(runs.lens.size, bool)
-    vals[1::2] = True
-    return np.repeat(vals, runs.lens).reshape(runs.count, runs.width, runs.height)
-
-
 def runs_of(masks: np.ndarray, height: int, width: int) -> MaskRuns:
     """bool [K, W, H] -> MaskRuns (alternate 0/1 run lengths from a 0-run, as transforms.mask_runs)."""
     flat = masks.reshape(-1)
@@ -85,7 +78,7 @@ def boxes_of(masks: np.ndarray) -> np.ndarray:
 def paste(img: np.ndarray, wire: dict, src_img: np.ndarray, src: dict, chosen: np.ndarray, min_area: int) -> tuple[np.ndarray, dict]:
     """Paste instances `chosen` of (src_img, src) onto (img, wire) (both `SampleTransform.decode`
     outputs of one size). Returns the new pair; `wire` keeps its key, image id and original size."""
-    masks, pasted = paint(wire["masks"]), paint(src["masks"])[chosen]
+    masks, pasted = wire["masks"].planes(), src["masks"].planes()[chosen]
     cover = pasted.any(0)  # [W, H]
     out = img.copy()
     out[:, cover.T] = src_img[:, cover.T]

@@ -186,13 +186,16 @@ class MaskRuns:
     height: int
     width: int
 
+    def planes(self) -> np.ndarray:
+        """bool [K, W, H]: the masks in the runs' own column-major order (copy-paste edits these)."""
+        vals = np.zeros(self.lens.size, bool)
+        vals[1::2] = True
+        return np.repeat(vals, self.lens).reshape(self.count, self.width, self.height)  # memset speed: long runs
+
     def paint(self) -> torch.Tensor:
         if self.count == 0:
             return torch.zeros((0, self.height, self.width), dtype=torch.uint8)
-        vals = np.zeros(self.lens.size, np.uint8)
-        vals[1::2] = 1
-        flat = np.repeat(vals, self.lens)  # memset speed: long runs of one value
-        return torch.from_numpy(flat).view(self.count, self.width, self.height).transpose(1, 2)
+        return torch.from_numpy(self.planes().view(np.uint8)).transpose(1, 2)
 
 
 # -- augmentation parameters ----------------------------------------------------------------------
