@@ -145,19 +145,27 @@ class Outcome:
 
 @contextlib.contextmanager
 def stop_signals():
-    """SIGTERM/SIGHUP to the launcher raise Interrupted (like Ctrl-C) so hosts are stopped first."""
+    """SIGTERM/SIGHUP to the launcher raise Interrupted (like Ctrl-C) so hosts are stopped first.
+
+    SIGINT raises KeyboardInterrupt and all three are unblocked, also when the launcher was
+    started with them ignored or blocked (both are inherited from the parent: a background job, a
+    test runner's worker), or a Ctrl-C would never stop the hosts."""
     def on_signal(signum, frame):
         raise Interrupted(signal.Signals(signum).name)
 
-    old = {}
+    old, mask = {}, None
     if threading.current_thread() is threading.main_thread():
         for s in (signal.SIGTERM, signal.SIGHUP):
             old[s] = signal.signal(s, on_signal)
+        old[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
+        mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
     try:
         yield
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def run_commands(cmds: list[HostCommand], grace: float = 10.0, out=None, err=None) -> int:

@@ -4,7 +4,8 @@ Run under torchrun (the launcher): reads RANK/WORLD_SIZE/LOCAL_RANK from the env
 batch size from FASHIONSEG_LOCAL_BATCH_SIZES[LOCAL_RANK] like fashionseg.train does.
 `--die-rank R --die-step S` makes global rank R exit(3) before step S (S = --steps: after the
 last step) while the others sleep after training, so only the launcher can stop them (when
-rank R is not in this world, e.g. its host was left out, the others finish normally). Every rank
+rank R is not in this world, e.g. its host was left out, the others finish normally). `--hold`:
+every rank sleeps after training (a run only a signal ends). Every rank
 writes `pid-rankR` (its pid and torchrun's) at start so a test can check nothing is left behind.
 """
 import argparse
@@ -22,6 +23,7 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--die-rank", type=int, default=-1)
+    ap.add_argument("--hold", action="store_true")
     ap.add_argument("--die-step", type=int, default=1)
     ap.add_argument("--resume", action="store_true")  # what `launcher run --max-restarts` adds on a restart
     ap.add_argument("overrides", nargs="*")
@@ -51,7 +53,7 @@ def main() -> int:
         loss.backward()
         opt.step()
         print(f"step {step} loss {loss.item():.6f}", flush=True)
-    if 0 <= args.die_rank < world:  # a survivor: wait for the launcher to stop us
+    if args.hold or 0 <= args.die_rank < world:  # a survivor: wait for the launcher to stop us
         time.sleep(600)
     torch.save(model.module.state_dict(), os.path.join(args.out, f"rank{rank}.pt"))
     info = {"rank": rank, "world": world, "local_rank": local_rank, "batch": batch,

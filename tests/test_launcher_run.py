@@ -186,18 +186,26 @@ def test_remote_host_receives_shell_metacharacters_literally(tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_stops_every_host(tmp_path):
     out = tmp_path / "run"
-    # --die-rank 99 matches no rank: every rank trains one step, then sleeps until stopped
+    # --hold: every rank trains one step, then sleeps until stopped (a run that ends by itself
+    # would race the signal: it once finished first on a loaded machine and exited 0)
     log = tmp_path / "launcher.log"
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", "run", str(loopback_hosts(tmp_path, small=True)),
                                  "--script", str(SCRIPT), "--grace", "5", "--", "--out", str(out), "--steps", "1",
-                                 "--die-rank", "99"], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, text=True)
+                                 "--hold"], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 60  # both ranks trained their step and now sleep until stopped
     while log.read_text().count("step 0 loss") < 2 and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.1)
     assert log.read_text().count("step 0 loss") == 2, log.read_text()
     proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=60)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:  # say how the launcher held SIGINT (bit 1 of the masks), then clean up
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        proc.terminate()  # SIGTERM: the launcher stops its hosts, no orphans
+        proc.wait(timeout=60)
+        pytest.fail("the launcher did not stop on SIGINT within 60 s; its signal masks:\n"
+                    + "\n".join(l for l in status.splitlines() if l.startswith("Sig")) + "\n" + log.read_text())
     assert proc.returncode == 130, log.read_text()
     assert "interrupted" in log.read_text()
     pids = [int(p) for f in out.glob("pid-rank*") for p in f.read_text().split()]

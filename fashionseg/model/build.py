@@ -97,6 +97,8 @@ class ModelConfig:
     focal_gamma: float = 2.0
     focal_alpha: float = 0.25  # < 0 disables the alpha balancing
     attribute_hidden: int = 1024  # 0: a linear classifier on the box representation
+    # share of the attribute loss's gradient that reaches the box head it shares (0: detached)
+    attribute_grad_scale: float = 0.0
     loss_weights: dict[str, float] = field(default_factory=lambda: {k: 1.0 for k in LOSS_NAMES})
     # post-processing (inference)
     score_thresh: float = 0.05
@@ -159,7 +161,7 @@ class ModelConfig:
                 raise bad(name, "must be >= 1")
         if self.focal_gamma < 0:
             raise bad("focal_gamma", "must be >= 0")
-        for name in ("score_thresh", "nms_thresh", "mask_thresh"):
+        for name in ("attribute_grad_scale", "score_thresh", "nms_thresh", "mask_thresh"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise bad(name, "must be in [0, 1]")
 
@@ -167,7 +169,7 @@ class ModelConfig:
 _INT_FIELDS = ("trainable_backbone_layers", "freeze_backbone_steps", "mask_head_hidden", "rpn_batch_size_per_image",
                "box_batch_size_per_image", "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "rpn_pre_nms_top_n_test",
                "rpn_post_nms_top_n_test", "attribute_hidden", "detections_per_img")
-_FLOAT_FIELDS = ("focal_gamma", "focal_alpha", "score_thresh", "nms_thresh", "mask_thresh")
+_FLOAT_FIELDS = ("attribute_grad_scale", "focal_gamma", "focal_alpha", "score_thresh", "nms_thresh", "mask_thresh")
 
 
 # Keys older weights files and configs carry that no longer mean anything: the data layer owns
@@ -328,6 +330,7 @@ def build_model(cfg: ModelConfig, num_classes: int, num_attributes: int) -> Fash
         mask_predictor=MaskRCNNPredictor(cfg.mask_head_hidden, cfg.mask_head_hidden, num_classes),
         attribute_head=AttributeHead(_REPRESENTATION, cfg.attribute_hidden, num_attributes),
         attribute_loss=AttributeLoss(cfg.attribute_loss, cfg.focal_gamma, cfg.focal_alpha),
+        attribute_grad_scale=cfg.attribute_grad_scale,
     )
     transform = DetectionTransform([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
     model = FashionMaskRCNN(
