@@ -10,12 +10,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fashionseg.train.hard_mining import HardMiner, HardMiningConfig, build_hard_miner
+from fashionseg.train.hard_mining import HardMiner, HardMiningConfig
+from fashionseg.train.image_mining import build_miner
 
 
 def make(**kw) -> HardMiner:
     warmup = kw.pop("warmup", 0)
-    miner = build_hard_miner(HardMiningConfig(enabled=True, **kw), warmup_steps=warmup)
+    miner = build_miner(HardMiningConfig(enabled=True, **kw), warmup_steps=warmup, batch_size=2)
     assert miner is not None
     return miner
 
@@ -41,7 +42,7 @@ def drive(miner: HardMiner, losses: list[float], first_step: int = 1) -> list[tu
 
 
 def test_disabled_builds_nothing():
-    assert build_hard_miner(HardMiningConfig(), warmup_steps=10) is None
+    assert build_miner(HardMiningConfig(), warmup_steps=10, batch_size=2) is None
 
 
 @pytest.mark.parametrize("bad", [dict(every=0), dict(top_k=0), dict(start_after=-1), dict(max_loss=0.0),

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from test_hard_mining import assert_resumes_exactly, roundtrip_json, roundtrip_torch
 
 from fashionseg.train import config
-from fashionseg.train.hard_mining import HardMiningConfig, build_hard_miner
+from fashionseg.train.hard_mining import HardMiningConfig
 from fashionseg.train.image_mining import ImageMiner, build_miner, load_replay
 
 
@@ -126,7 +126,7 @@ def test_state_round_trip_resumes_exactly(roundtrip, losses, cut, top_k, max_los
 
 def test_resume_refuses_another_unit():
     image_state = make(every=4).state_dict()
-    batch = build_hard_miner(HardMiningConfig(enabled=True, every=4), warmup_steps=0)
+    batch = build_miner(HardMiningConfig(enabled=True, every=4), warmup_steps=0, batch_size=2)
     with pytest.raises(ValueError, match="hard_mining.unit='image'"):
         batch.load_state_dict(image_state)
     with pytest.raises(ValueError, match="hard_mining.unit='batch'"):
@@ -141,8 +141,7 @@ def test_config_unit_is_validated_and_batch_stays_the_batch_miner():
     batch = build_miner(HardMiningConfig(enabled=True), warmup_steps=0, batch_size=2)
     assert type(batch).__name__ == "HardMiner"
     assert build_miner(HardMiningConfig(unit="image"), warmup_steps=0, batch_size=2) is None
-    with pytest.raises(ValueError, match="build_miner"):
-        build_hard_miner(HardMiningConfig(enabled=True, unit="image"), warmup_steps=0)
+    assert isinstance(build_miner(HardMiningConfig(enabled=True, unit="image"), warmup_steps=0, batch_size=2), ImageMiner)
 
 
 def test_stepper_returns_each_local_images_terms_in_key_order():

@@ -25,7 +25,7 @@ Online hard-example replay (the Kaggle Carvana winners' trick), made safe for DD
 
 The loop's side (docs/design.md, "Trainer <-> hard miner")::
 
-    miner = build_hard_miner(cfg.hard_mining, warmup_steps)
+    miner = build_miner(cfg.hard_mining, warmup_steps, local_batch_size)  # image_mining.py: either unit
     ...  # after each optimizer step `step` (1-based count of data steps done):
     if miner is not None:
         miner.observe(step, [t["key"] for t in targets], epoch, {k: v.item() for k, v in losses.items()})
@@ -284,13 +284,5 @@ def resolve_start(cfg: HardMiningConfig, warmup_steps: int) -> int:
     return cfg.start_after if cfg.start_after is not None else max(0, int(warmup_steps))
 
 
-def build_hard_miner(cfg: HardMiningConfig, warmup_steps: int) -> HardMiner | None:
-    """The batch miner for a run, or None when hard mining is off (unit=image: image_mining.build_miner)."""
-    if not cfg.enabled:
-        return None
-    if cfg.unit != "batch":
-        raise ValueError(f"hard_mining.unit={cfg.unit!r}: build it with fashionseg.train.image_mining.build_miner")
-    return HardMiner(cfg, resolve_start(cfg, warmup_steps))
 
-
-__all__ = ["HardMiningConfig", "HardMiner", "Replay", "build_hard_miner", "resolve_start"]
+__all__ = ["HardMiningConfig", "HardMiner", "Replay", "resolve_start"]

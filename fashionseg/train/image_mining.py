@@ -25,7 +25,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Sequence
 
-from fashionseg.train.hard_mining import STATE_VERSION, HardMiner, HardMiningConfig, Replay, build_hard_miner, resolve_start
+from fashionseg.train.hard_mining import STATE_VERSION, HardMiner, HardMiningConfig, Replay, resolve_start
 
 
 @dataclass
@@ -156,12 +156,12 @@ class ImageMiner(HardMiner):
 
 def build_miner(cfg: HardMiningConfig, warmup_steps: int, batch_size: int) -> HardMiner | None:
     """The run's miner for `hard_mining.unit` (None when off); `batch_size`: this rank's per-rank
-    batch size, the size of its replay batches with unit=image."""
+    batch size, the size of its replay batches with unit=image. `start_after=None` opens the first
+    window after the LR warmup (`warmup_steps` data steps)."""
     if not cfg.enabled:
         return None
-    if cfg.unit == "image":
-        return ImageMiner(cfg, resolve_start(cfg, warmup_steps), batch_size)
-    return build_hard_miner(cfg, warmup_steps)
+    start = resolve_start(cfg, warmup_steps)
+    return ImageMiner(cfg, start, batch_size) if cfg.unit == "image" else HardMiner(cfg, start)
 
 
 def load_replay(loader, replay: Replay):

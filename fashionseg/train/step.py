@@ -86,9 +86,9 @@ class Stepper:
             losses = {k: reduced[j] / n for j, k in enumerate(names)}
             losses["loss"] = reduced[len(names)] / n
         width = len(names) + 1
-        images = [dict(zip([*names, "loss"], flat[i:i + width])) for i in range(0, len(flat), width)]
+        image_rows = [dict(zip([*names, "loss"], flat[i:i + width])) for i in range(0, len(flat), width)]
         return StepOutput(losses, not applied, reduced[-2] > 0, int(round(n)), data_time, keys,
-                          dict(zip([*names, "loss"], local)), images)
+                          dict(zip([*names, "loss"], local)), image_rows)
 
     def _exchange(self, sums: torch.Tensor, local_n: int,
                   per_image: list[torch.Tensor]) -> tuple[list[float], list[float], list[float]]:
